@@ -1,0 +1,27 @@
+"""sparse_param: sparse-from-scratch training for any PyTorch model."""
+
+from .allocation import allocate, apportion
+from .export import dense_state_dict, finalize, is_sparse_state_dict, load_state_dict
+from .layers import SparseLayer, sparse_layers
+from .mask import SparseMask
+from .metrics import density, effective_density, itop_rate, layer_table, summary
+from .sparsify import rescale_to_active_fan_in, sparsify
+
+__all__ = [
+    "SparseLayer",
+    "SparseMask",
+    "allocate",
+    "apportion",
+    "dense_state_dict",
+    "density",
+    "effective_density",
+    "finalize",
+    "is_sparse_state_dict",
+    "itop_rate",
+    "layer_table",
+    "load_state_dict",
+    "rescale_to_active_fan_in",
+    "sparse_layers",
+    "sparsify",
+    "summary",
+]

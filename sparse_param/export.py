@@ -1,0 +1,92 @@
+"""Leaving the sparse training state: plain dense checkpoints and loading helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .layers import sparse_layers
+from .standardized import is_standardized
+
+_ORIGINAL = ".parametrizations.weight.original"
+_MASK = ".parametrizations.weight.0.mask"
+_EVER = ".parametrizations.weight.0.ever_active"
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Remove the masking parametrizations, leaving plain ``weight`` parameters that
+    hold the masked weights, in place.
+
+    The parameter objects are kept (``id`` unchanged), so an optimizer built before keeps
+    working, and ``model.state_dict()`` then loads into a fresh model of the same
+    architecture. Safe on deep copies (EMA models): the copy gets its own class before
+    the parametrization is removed, so the model it was copied from is unaffected.
+
+    Raises:
+        ValueError: the model has no sparse layers, or has weight-standardized
+            convolutions, whose sparse weight exists only after standardization and so
+            cannot be stored as a plain timm weight.
+    """
+    layers = list(sparse_layers(model))
+    if not layers:
+        raise ValueError("finalize: the model has no sparse layers")
+    standardized = [layer.name for layer in layers if is_standardized(layer.module)]
+    if standardized:
+        raise ValueError(
+            f"finalize: layers {standardized} standardize their weight in forward, so their "
+            f"sparse weight exists only after standardization and no plain checkpoint can hold "
+            f"it; keep the model sparse (its state_dict carries the masks) for inference"
+        )
+    for layer in layers:
+        module = layer.module
+        # Deep copies share the generated Parametrized* class; removing the property from
+        # it would break every other copy. Give this module a class of its own first.
+        cls = type(module)
+        module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+        with torch.no_grad():
+            layer.weight.mul_(layer.mask)
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model
+
+
+def is_sparse_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
+    """Whether ``state_dict`` was saved from a sparsified model."""
+    return any(key.endswith(_MASK) for key in state_dict)
+
+
+def dense_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Turn a sparsified model's state dict into the plain one of the same architecture.
+
+    ``<layer>.parametrizations.weight.original`` (times its mask) becomes
+    ``<layer>.weight``; masks and ever-active buffers are dropped.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if key.endswith(_MASK) or key.endswith(_EVER):
+            continue
+        if key.endswith(_ORIGINAL):
+            prefix = key[: -len(_ORIGINAL)]
+            out[prefix + ".weight"] = value * state_dict[prefix + _MASK]
+        else:
+            out[key] = value
+    return out
+
+
+def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True):
+    """``model.load_state_dict`` that explains how to load a sparse checkpoint.
+
+    A sparsified model loads a sparsified checkpoint as usual (masks and ever-active
+    restored exactly). A plain model given a sparse checkpoint raises a ``ValueError``
+    naming the two fixes instead of torch's list of unexpected keys.
+    """
+    if is_sparse_state_dict(state_dict) and next(sparse_layers(model), None) is None:
+        raise ValueError(
+            "this checkpoint holds a sparse model (keys '*.parametrizations.weight.0.mask'), "
+            "but the model is dense. Either call sparse_param.sparsify(model, ...) with the "
+            "arguments used in training before loading, or load "
+            "sparse_param.dense_state_dict(checkpoint) to get the plain weights"
+        )
+    return model.load_state_dict(state_dict, strict=strict)

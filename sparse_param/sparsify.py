@@ -1,0 +1,155 @@
+"""``sparsify``: turn a dense model into a sparse one, in place."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .allocation import allocate
+from .layers import DEFAULT_LAYER_TYPES, find_targets, sparse_layers
+from .mask import SparseMask
+from .sampling import random_subset
+from .standardized import install_sparse_forward, is_standardized
+
+
+def sparsify(
+    model: nn.Module,
+    density: float = 0.02,
+    *,
+    distribution: str | Mapping[str, float] = "erk",
+    layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str | type[nn.Module]] = (),
+    dense_first: bool = False,
+    dense_last: bool = False,
+    seed: int | torch.Generator = 0,
+    sparse_init: bool = False,
+) -> nn.Module:
+    """Make the weights of ``model``'s Linear and Conv layers sparse, in place.
+
+    Each target weight gets a :class:`~sparse_param.SparseMask` parametrization whose
+    random mask has exactly the active count the allocation gives it; the stored
+    weight is zeroed where the mask is off and ``ever_active`` starts equal to the mask.
+    Biases, norms, embeddings and tokens are never touched.
+
+    Args:
+        model: any ``nn.Module``; call before building the optimizer and EMA.
+        density: share of active weights over all target layers, in (0, 1].
+        distribution: ``"erk"`` (Erdős–Rényi-Kernel), ``"er"``, ``"uniform"``, or a
+            mapping of layer name to density (other layers get ``density``).
+        layer_types: module types whose ``weight`` is a target (subclasses included).
+        include: ``fnmatch`` patterns of layer names to target (default: all).
+        exclude: name patterns or module types to leave dense.
+        dense_first, dense_last: leave the first / last target layer dense.
+        seed: an int or a ``torch.Generator`` (CPU) for the masks; the same seed gives
+            the same masks on every run, platform and DDP rank.
+        sparse_init: rescale each output unit's weights by
+            ``sqrt(fan_in / active_fan_in)`` so its init variance matches a dense layer's
+            (Evci et al., gradient flow in sparse networks).
+
+    Returns:
+        ``model``, with the density of the weights its layers compute with equal to the
+        allocation (``round(density * total)`` active weights for named distributions).
+
+    Raises:
+        ValueError / TypeError: bad arguments, a model that is already sparse or has no
+            target layers; the model is left exactly as it was.
+    """
+    if next(sparse_layers(model), None) is not None:
+        raise ValueError(
+            "sparsify: the model is already sparse; build a fresh model to sparsify it "
+            "again, or call sparse_param.finalize(model) first to make it dense"
+        )
+    targets = find_targets(model, layer_types, include, exclude, dense_first, dense_last)
+    if not targets:
+        raise ValueError(
+            f"sparsify: no target layers in {type(model).__name__}: no module of types "
+            f"{[t.__name__ for t in layer_types]} with a weight matched include={include} "
+            f"and exclude={list(exclude)}"
+        )
+    shared = _shared_weights(targets)
+    if shared:
+        raise ValueError(
+            f"sparsify: layers {shared} share one weight tensor; masking them separately "
+            f"would untie it: exclude all but one of them"
+        )
+    shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
+    if isinstance(distribution, Mapping):
+        _check_mapping_counts(distribution, shapes)
+    counts = allocate(shapes, density, distribution)
+    generator = _generator(seed)
+
+    masks = {name: _random_mask(shapes[name], counts[name], generator) for name in targets}
+    done: list[nn.Module] = []
+    try:
+        for name, module in targets.items():
+            mask = masks[name].to(module.weight.device)
+            parametrize.register_parametrization(module, "weight", SparseMask(mask))
+            done.append(module)
+            if is_standardized(module):
+                install_sparse_forward(module)
+    except BaseException:
+        for module in done:
+            module.__dict__.pop("forward", None)
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        raise
+    if sparse_init:
+        rescale_to_active_fan_in(model)
+    return model
+
+
+@torch.no_grad()
+def rescale_to_active_fan_in(model: nn.Module) -> None:
+    """Scale each output unit's stored weights by ``sqrt(fan_in / active_fan_in)``.
+
+    ``fan_in`` is the unit's dense fan-in (``weight[0].numel()``); units with no active
+    input are left as they are.
+    """
+    for layer in sparse_layers(model):
+        active = layer.mask.flatten(1).sum(1).to(layer.weight.dtype)
+        fan_in = layer.mask[0].numel()
+        scale = torch.where(active > 0, (fan_in / active.clamp(min=1)).sqrt(), 1.0)
+        layer.weight.mul_(scale.view(-1, *([1] * (layer.weight.dim() - 1))))
+
+
+def _random_mask(shape: Sequence[int], count: int, generator: torch.Generator) -> torch.Tensor:
+    numel = math.prod(shape)
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[random_subset(numel, count, generator)] = True
+    return mask.view(*shape)
+
+
+def _generator(seed: int | torch.Generator) -> torch.Generator:
+    if isinstance(seed, torch.Generator):
+        if seed.device.type != "cpu":
+            raise ValueError("sparsify: seed must be an int or a CPU torch.Generator")
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"sparsify: seed must be an int or a torch.Generator, got {seed!r}")
+    return torch.Generator().manual_seed(seed)
+
+
+def _shared_weights(targets: Mapping[str, nn.Module]) -> list[str]:
+    seen: dict[int, str] = {}
+    shared: list[str] = []
+    for name, module in targets.items():
+        first = seen.setdefault(id(module.weight), name)
+        if first != name:
+            shared += [first, name]
+    return shared
+
+
+def _check_mapping_counts(
+    distribution: Mapping[str, float], shapes: Mapping[str, Sequence[int]]
+) -> None:
+    for name, d in distribution.items():
+        numel = math.prod(shapes[name]) if name in shapes else None
+        if numel is not None and isinstance(d, (int, float)) and 0 < d <= 1 and d * numel < 0.5:
+            raise ValueError(
+                f"sparsify: layer {name!r} has {numel} weights, too few for density {d} "
+                f"(0 active); give it a density of at least {1 / numel:.3g}"
+            )
