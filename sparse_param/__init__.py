@@ -1,13 +1,24 @@
 """sparse_param: sparse-from-scratch training for any PyTorch model."""
 
+from .algorithms import ALGORITHMS, DSR, GMP, SET, SNFS, GraNet, RigL, Static
 from .allocation import allocate, apportion
 from .export import dense_state_dict, finalize, is_sparse_state_dict, load_state_dict
 from .layers import SparseLayer, sparse_layers
 from .mask import SparseMask
 from .metrics import density, effective_density, itop_rate, layer_table, summary
+from .scheduler import SparseScheduler
 from .sparsify import rescale_to_active_fan_in, sparsify
 
 __all__ = [
+    "ALGORITHMS",
+    "DSR",
+    "GMP",
+    "GraNet",
+    "RigL",
+    "SET",
+    "SNFS",
+    "SparseScheduler",
+    "Static",
     "SparseLayer",
     "SparseMask",
     "allocate",

@@ -39,8 +39,10 @@ class SparseMask(nn.Module):
         ever_active: every connection that has been active since ``sparsify``.
 
     Invariant kept by this library: the stored weight is exactly zero where ``mask`` is
-    False. The forward can then return the stored weight unchanged; its backward zeroes
-    the gradient at inactive positions.
+    False (``sparsify``, ``load_state_dict`` and every scheduler step enforce it). In
+    training mode the forward can then return the stored weight unchanged, and its
+    backward zeroes the gradient at inactive positions; in eval mode it multiplies by
+    the mask, which keeps deep copies such as EMA models exact.
 
     While ``capture_dense_grad`` is True, every backward pass adds the dense gradient of
     the loss with respect to the weight (shape of the weight) to ``dense_grad``, and
@@ -63,6 +65,10 @@ class SparseMask(nn.Module):
         self.dense_grad: Tensor | None = None
 
     def forward(self, weight: Tensor) -> Tensor:
+        if not self.training:
+            # Evaluation copies (an EMA lerped toward pruned weights, a checkpoint being
+            # validated) may hold stale values where the mask is off: mask explicitly.
+            return weight * self.mask
         out = _MaskedGrad.apply(weight, self.mask)
         if self.capture_dense_grad and out.requires_grad:
             out.register_hook(functools.partial(self._accumulate_dense_grad, weight))
@@ -83,3 +89,10 @@ class SparseMask(nn.Module):
     def extra_repr(self) -> str:
         active = int(self.mask.sum())
         return f"shape={tuple(self.mask.shape)}, active={active}/{self.mask.numel()}"
+
+
+@torch.no_grad()
+def zero_inactive_after_load(parametrizations: nn.Module, incompatible_keys: object) -> None:
+    """``load_state_dict`` post-hook of a ``parametrizations.weight`` list: re-establish
+    "stored weight is zero where the mask is off" for whatever was loaded."""
+    parametrizations.original.mul_(parametrizations[0].mask)

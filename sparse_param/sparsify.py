@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from .allocation import allocate
 from .layers import DEFAULT_LAYER_TYPES, find_targets, sparse_layers
-from .mask import SparseMask
+from .mask import SparseMask, zero_inactive_after_load
 from .sampling import random_subset
 from .standardized import install_sparse_forward, is_standardized
 
@@ -89,6 +89,9 @@ def sparsify(
         for name, module in targets.items():
             mask = masks[name].to(module.weight.device)
             parametrize.register_parametrization(module, "weight", SparseMask(mask))
+            module.parametrizations.weight.register_load_state_dict_post_hook(
+                zero_inactive_after_load
+            )
             done.append(module)
             if is_standardized(module):
                 install_sparse_forward(module)

@@ -1,0 +1,108 @@
+"""GMP, gradual magnitude pruning (Zhu & Gupta 2017), and GraNet (Liu et al. 2021)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..allocation import allocate
+from ..layers import SparseLayer
+from ..scheduler import SparseScheduler
+from ..schedules import cubic_decay
+
+
+class GMP(SparseScheduler):
+    """Gradual magnitude pruning from the model's current density to ``density``.
+
+    Sparsify the model at density 1.0 (dense start) or any density above the target.
+    Each layer's active count follows the cubic schedule
+    ``final + (initial − final)·(1 − (t − t₀)/(t_end − t₀))³`` from ``start`` to ``stop``
+    (shares of ``total_steps``), pruning the smallest ``|w|``; the final per-layer
+    counts are ``allocate(shapes, density, distribution)``, reached exactly at
+    ``stop``. Nothing regrows.
+
+    Args:
+        density: final density over the sparse layers.
+        distribution: allocation of the final counts (``"erk"``, ``"er"``,
+            ``"uniform"``, or a mapping of layer name to density).
+    """
+
+    drop_fraction = 0.0
+    drop_schedule = "constant"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        density: float,
+        distribution: str | Mapping[str, float] = "erk",
+        **kwargs: Any,
+    ):
+        super().__init__(model, optimizer, **kwargs)
+        shapes = {layer.name: tuple(layer.mask.shape) for layer in self.layers}
+        final = allocate(shapes, density, distribution)
+        self.initial_counts = [layer.active for layer in self.layers]
+        self.final_counts = [min(final[layer.name], layer.active) for layer in self.layers]
+        if sum(self.final_counts) < sum(final.values()):
+            raise ValueError(
+                f"{type(self).__name__}: the model is sparser than the target density "
+                f"{density}; sparsify it at a higher density (1.0 for a dense start)"
+            )
+
+    def is_update_step(self, step: int) -> bool:
+        # Also update at stop itself, so the final counts are reached exactly.
+        return super().is_update_step(step) or step == self.stop_step > self.start_step
+
+    def target_counts(self, step: int) -> list[int]:
+        """Active count of each layer scheduled for ``step``."""
+        left = cubic_decay(step, self.start_step, self.stop_step)
+        return [f + round((i - f) * left) for i, f in zip(self.initial_counts, self.final_counts)]
+
+    def prune_counts(self, fraction: float) -> list[int]:
+        targets = self.target_counts(self.step_count)
+        return [max(layer.active - t, 0) for layer, t in zip(self.layers, targets)]
+
+    def grow_counts(self, pruned, capacity) -> list[int]:
+        return [0] * len(pruned)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "initial_counts": list(self.initial_counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.initial_counts = list(state["initial_counts"])
+
+
+class GraNet(GMP):
+    """GraNet: gradual magnitude pruning plus zero-cost neuroregeneration.
+
+    At each update every layer is first pruned to its scheduled count as in
+    :class:`GMP`; then it drops a further fraction r_t (0.5, cosine decayed) of that
+    count by magnitude and regrows as many where the dense gradient is largest among
+    the positions that were inactive before the update (RigL-style, grown at zero).
+    Each layer ends every update at exactly its scheduled count.
+    """
+
+    needs_dense_grad = True
+    drop_fraction = 0.5
+    drop_schedule = "cosine"
+
+    def prune_counts(self, fraction: float) -> list[int]:
+        targets = self.target_counts(self.step_count)
+        self._regrow = [
+            max(min(round(fraction * t), layer.numel - layer.active, t - 1), 0)
+            for layer, t in zip(self.layers, targets)
+        ]
+        return [
+            max(layer.active - t, 0) + r for layer, t, r in zip(self.layers, targets, self._regrow)
+        ]
+
+    def grow_counts(self, pruned, capacity) -> list[int]:
+        return list(self._regrow)
+
+    def grow_score(self, index: int, layer: SparseLayer) -> Tensor:
+        return layer.parametrization.dense_grad.abs()
