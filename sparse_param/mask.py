@@ -38,11 +38,13 @@ class SparseMask(nn.Module):
         mask: the active connections.
         ever_active: every connection that has been active since ``sparsify``.
 
-    Invariant kept by this library: the stored weight is exactly zero where ``mask`` is
-    False (``sparsify``, ``load_state_dict`` and every scheduler step enforce it). In
-    training mode the forward can then return the stored weight unchanged, and its
-    backward zeroes the gradient at inactive positions; in eval mode it multiplies by
-    the mask, which keeps deep copies such as EMA models exact.
+    Invariant: the stored weight is exactly zero where ``mask`` is False. The forward
+    can then return the stored weight unchanged (no multiply, no allocation); its
+    backward zeroes the gradient at inactive positions. Whatever writes to the stored
+    weight in place (an optimizer step, an EMA's lerp, ``nn.init``, loading) bumps its
+    version counter, and the next forward re-zeroes it first; writes through ``.data``
+    bypass the counter and are not seen. Under ``torch.compile`` the forward multiplies
+    by the mask instead.
 
     While ``capture_dense_grad`` is True, every backward pass adds the dense gradient of
     the loss with respect to the weight (shape of the weight) to ``dense_grad``, and
@@ -61,18 +63,31 @@ class SparseMask(nn.Module):
         self.register_buffer("mask", mask.clone())
         self.register_buffer("ever_active", mask.clone())
         self.allocated = int(mask.sum())  # active count given by the allocation
+        self._clean_version = -1  # version of the stored weight when last zeroed
         self.capture_dense_grad = False
         self.dense_grad: Tensor | None = None
 
     def forward(self, weight: Tensor) -> Tensor:
-        if not self.training:
-            # Evaluation copies (an EMA lerped toward pruned weights, a checkpoint being
-            # validated) may hold stale values where the mask is off: mask explicitly.
-            return weight * self.mask
-        out = _MaskedGrad.apply(weight, self.mask)
+        if torch.compiler.is_compiling():
+            out = weight * self.mask  # fused by the compiler; no version bookkeeping
+        else:
+            if weight._version != self._clean_version:
+                self.zero_inactive_(weight)
+            if not (torch.is_grad_enabled() and weight.requires_grad):
+                # The stored weight itself, so in-place edits under no_grad
+                # (head-init scaling, nn.init) reach it instead of a temporary.
+                return weight
+            out = _MaskedGrad.apply(weight, self.mask)
         if self.capture_dense_grad and out.requires_grad:
             out.register_hook(functools.partial(self._accumulate_dense_grad, weight))
         return out
+
+    @torch.no_grad()
+    def zero_inactive_(self, weight: Tensor) -> None:
+        """Zero the stored ``weight`` where the mask is off, in place, and remember its
+        version so the forward knows it is clean until something writes to it."""
+        weight.mul_(self.mask)
+        self._clean_version = weight._version
 
     def right_inverse(self, weight: Tensor) -> Tensor:
         """Store ``weight`` zeroed where inactive (``module.weight = w`` goes through it)."""
@@ -95,4 +110,4 @@ class SparseMask(nn.Module):
 def zero_inactive_after_load(parametrizations: nn.Module, incompatible_keys: object) -> None:
     """``load_state_dict`` post-hook of a ``parametrizations.weight`` list: re-establish
     "stored weight is zero where the mask is off" for whatever was loaded."""
-    parametrizations.original.mul_(parametrizations[0].mask)
+    parametrizations[0].zero_inactive_(parametrizations.original)

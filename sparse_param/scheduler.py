@@ -277,7 +277,7 @@ class SparseScheduler:
     @torch.no_grad()
     def _zero_inactive_weights(self) -> None:
         for layer in self.layers:
-            layer.weight.mul_(layer.mask)
+            layer.parametrization.zero_inactive_(layer.weight)
 
     def wants_dense_grad(self, step: int) -> bool:
         """Whether the backward passes of optimizer step ``step`` capture dL/dW.
