@@ -25,6 +25,8 @@ from .sampling import random_subset
 from .schedules import DROP_SCHEDULES
 from .schedules import drop_fraction as drop_fraction_at
 
+OPTIMIZER_STATE_KEY = "sparse_param"  # where the scheduler's state sits in optimizer.state_dict()
+
 
 class SparseScheduler:
     """Base scheduler: attach to an optimizer and update the sparse topology.
@@ -57,6 +59,11 @@ class SparseScheduler:
     optimizers whose update is dense (Shampoo, Muon, …) cannot revive pruned weights.
     Steps an AMP ``GradScaler`` skips are not counted; with gradient accumulation only
     real optimizer steps count.
+
+    Checkpoints: :meth:`state_dict` holds the counters, the generator and the history.
+    It is also stored under ``optimizer.state_dict()["sparse_param"]`` and restored by
+    ``optimizer.load_state_dict``, so any script that checkpoints the optimizer resumes
+    the scheduler exactly, provided the scheduler exists when the optimizer is loaded.
     """
 
     needs_dense_grad = False  # gradient-based growth captures dL/dW on update steps
@@ -126,6 +133,13 @@ class SparseScheduler:
         self._hook = (
             optimizer.register_step_post_hook(self._after_optimizer_step) if attach else None
         )
+        # Ride along in the optimizer's state_dict, so a script that checkpoints and
+        # resumes the optimizer (timm's CheckpointSaver / resume_checkpoint) resumes
+        # the topology schedule too.
+        self._state_hooks = [
+            optimizer.register_state_dict_post_hook(self._save_into_optimizer_state),
+            optimizer.register_load_state_dict_pre_hook(self._load_from_optimizer_state),
+        ]
         self._arm_dense_grad()
 
     # ----------------------------------------------------------------- the criteria
@@ -322,6 +336,9 @@ class SparseScheduler:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        for handle in self._state_hooks:
+            handle.remove()
+        self._state_hooks = []
         for layer in self.layers:
             layer.parametrization.capture_dense_grad = False
         self._clear_dense_grads()
@@ -334,6 +351,16 @@ class SparseScheduler:
             "generator": self.generator.get_state(),
             "history": [dict(r) for r in self.history],
         }
+
+    def _save_into_optimizer_state(self, optimizer, state: dict[str, Any]) -> None:
+        state[OPTIMIZER_STATE_KEY] = self.state_dict()
+
+    def _load_from_optimizer_state(self, optimizer, state: dict[str, Any]) -> dict[str, Any]:
+        state = dict(state)
+        ours = state.pop(OPTIMIZER_STATE_KEY, None)
+        if ours is not None:
+            self.load_state_dict(ours)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_count = int(state["step_count"])
