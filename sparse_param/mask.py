@@ -24,7 +24,7 @@ class _MaskedGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
         (mask,) = ctx.saved_tensors
-        return grad * mask, None
+        return grad.clone().mul_(mask.view(torch.uint8)), None  # uint8: see zero_inactive_
 
 
 class SparseMask(nn.Module):
@@ -86,7 +86,10 @@ class SparseMask(nn.Module):
     def zero_inactive_(self, weight: Tensor) -> None:
         """Zero the stored ``weight`` where the mask is off, in place, and remember its
         version so the forward knows it is clean until something writes to it."""
-        weight.mul_(self.mask)
+        # A uint8 view, not the bool mask: on CPU, products and masked_fill with a bool
+        # run an unvectorized path (measured ~20x slower). Inactive weights are finite
+        # (zero gradient, zero state), so the product is exact there.
+        weight.mul_(self.mask.view(torch.uint8))
         self._clean_version = weight._version
 
     def right_inverse(self, weight: Tensor) -> Tensor:
