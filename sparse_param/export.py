@@ -11,9 +11,19 @@ from torch.nn.utils import parametrize
 from .layers import sparse_layers
 from .standardized import is_standardized
 
-_ORIGINAL = ".parametrizations.weight.original"
-_MASK = ".parametrizations.weight.0.mask"
-_EVER = ".parametrizations.weight.0.ever_active"
+_ORIGINAL = "parametrizations.weight.original"
+_MASK = "parametrizations.weight.0.mask"
+_EVER = "parametrizations.weight.0.ever_active"
+
+
+def _prefix(key: str, suffix: str) -> str | None:
+    """``key`` without ``suffix`` (``"layer."``, or ``""`` for a sparsified root module),
+    or None when ``key`` is not a ``suffix`` entry."""
+    if key == suffix:
+        return ""
+    if key.endswith("." + suffix):
+        return key[: -len(suffix)]
+    return None
 
 
 def finalize(model: nn.Module) -> nn.Module:
@@ -54,7 +64,7 @@ def finalize(model: nn.Module) -> nn.Module:
 
 def is_sparse_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
     """Whether ``state_dict`` was saved from a sparsified model."""
-    return any(key.endswith(_MASK) for key in state_dict)
+    return any(_prefix(key, _MASK) is not None for key in state_dict)
 
 
 def dense_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -65,11 +75,11 @@ def dense_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        if key.endswith(_MASK) or key.endswith(_EVER):
+        if _prefix(key, _MASK) is not None or _prefix(key, _EVER) is not None:
             continue
-        if key.endswith(_ORIGINAL):
-            prefix = key[: -len(_ORIGINAL)]
-            out[prefix + ".weight"] = value * state_dict[prefix + _MASK]
+        prefix = _prefix(key, _ORIGINAL)
+        if prefix is not None:
+            out[prefix + "weight"] = value * state_dict[prefix + _MASK]
         else:
             out[key] = value
     return out

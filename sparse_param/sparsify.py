@@ -84,21 +84,26 @@ def sparsify(
     generator = _generator(seed)
 
     masks = {name: _random_mask(shapes[name], counts[name], generator) for name in targets}
-    done: list[nn.Module] = []
+    done: list[tuple[nn.Module, torch.Tensor]] = []
     try:
         for name, module in targets.items():
             mask = masks[name].to(module.weight.device)
+            # Registering stores the weight masked, in new storage; keep the old storage
+            # (no copy) until every layer is done, so a failure can give it back.
+            dense = module.weight.detach()
             parametrize.register_parametrization(module, "weight", SparseMask(mask))
+            done.append((module, dense))
             module.parametrizations.weight.register_load_state_dict_post_hook(
                 zero_inactive_after_load
             )
-            done.append(module)
             if is_standardized(module):
                 install_sparse_forward(module)
     except BaseException:
-        for module in done:
+        for module, dense in done:
             module.__dict__.pop("forward", None)
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            with torch.no_grad():
+                module.weight.set_(dense)
         raise
     if sparse_init:
         rescale_to_active_fan_in(model)
