@@ -86,7 +86,7 @@ def plot_training_curves(
             ax_rs.plot(xs, list(series[density]), color=color, ls=":", label=f"{label} density")
     ax_acc.set(xlabel=x, ylabel=accuracy, title="accuracy")
     ax_rs.set(xlabel=x, ylabel="share of weights", title="R_s (ever active) and density")
-    ax_rs.set_ylim(bottom=0)
+    ax_rs.set_yscale("log")  # sparse runs sit near the density, dense ones at 1
     for ax in (ax_acc, ax_rs):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -208,7 +208,7 @@ def plot_curves(
                 )
     ax_acc.set(xlabel=x_label, ylabel="accuracy", title="accuracy")
     ax_rs.set(xlabel=x_label, ylabel="R_s (share of weights ever active)", title="R_s")
-    ax_rs.set_ylim(bottom=0)
+    ax_rs.set_yscale("log")  # sparse runs sit near the density, dense ones at 1
     for ax in (ax_acc, ax_rs):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
