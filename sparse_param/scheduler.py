@@ -280,11 +280,12 @@ class SparseScheduler:
     def _apply(self, layer: SparseLayer, old: Tensor, new: Tensor) -> None:
         """Install ``new`` as the mask: zero pruned and grown weights and their
         optimizer state (every state tensor shaped like the weight), extend ever_active."""
-        stable = old & new
-        layer.weight.mul_(stable)
+        # masked_fill, not mul: a non-finite value times 0 is NaN, not 0.
+        unstable = ~(old & new)
+        layer.weight.masked_fill_(unstable, 0)
         for value in self.optimizer.state.get(layer.weight, {}).values():
             if isinstance(value, Tensor) and value.shape == layer.weight.shape:
-                value.mul_(stable)
+                value.masked_fill_(unstable, 0)
         layer.mask.copy_(new)
         layer.ever_active.logical_or_(new)
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..allocation import apportion
 from ..scheduler import SparseScheduler, redistribute
 from ..schedules import doubling_interval
 
@@ -51,6 +52,7 @@ class DSR(SparseScheduler):
         active = sum(layer.active for layer in self.layers)
         self.target_pruned = round(0.1 * active) if target_pruned is None else target_pruned
         if self.target_pruned <= 0:
+            self.remove()  # leave the optimizer and model as they were
             raise ValueError(f"target_pruned must be positive, got {self.target_pruned}")
 
     def interval(self, step: int) -> int:
@@ -58,10 +60,19 @@ class DSR(SparseScheduler):
 
     def prune_counts(self, fraction: float) -> list[int]:
         below = [
-            int((layer.weight.abs() < self.threshold).logical_and_(layer.mask).sum())
+            min(
+                int((layer.weight.abs() < self.threshold).logical_and_(layer.mask).sum()),
+                layer.active - 1,
+            )
             for layer in self.layers
         ]
-        return [min(n, layer.active - 1) for n, layer in zip(below, self.layers)]
+        # Regrowth only uses positions inactive before the update: in a dense model
+        # there may be fewer of those than weights below H. Prune no more than can
+        # regrow, sharing the cut in proportion to each layer's count below H.
+        room = sum(layer.numel - layer.active for layer in self.layers)
+        if sum(below) > room:
+            below = apportion(room, below, [0] * len(below), below)
+        return below
 
     def grow_counts(self, pruned: Sequence[int], capacity: Sequence[int]) -> list[int]:
         surviving = [layer.active - n for layer, n in zip(self.layers, pruned)]

@@ -43,15 +43,19 @@ class GMP(SparseScheduler):
         **kwargs: Any,
     ):
         super().__init__(model, optimizer, **kwargs)
-        shapes = {layer.name: tuple(layer.mask.shape) for layer in self.layers}
-        final = allocate(shapes, density, distribution)
+        try:
+            shapes = {layer.name: tuple(layer.mask.shape) for layer in self.layers}
+            final = allocate(shapes, density, distribution)
+            if any(final[layer.name] > layer.active for layer in self.layers):
+                raise ValueError(
+                    f"{type(self).__name__}: the model is sparser than the target density "
+                    f"{density}; sparsify it at a higher density (1.0 for a dense start)"
+                )
+        except BaseException:
+            self.remove()  # leave the optimizer and model as they were
+            raise
         self.initial_counts = [layer.active for layer in self.layers]
-        self.final_counts = [min(final[layer.name], layer.active) for layer in self.layers]
-        if sum(self.final_counts) < sum(final.values()):
-            raise ValueError(
-                f"{type(self).__name__}: the model is sparser than the target density "
-                f"{density}; sparsify it at a higher density (1.0 for a dense start)"
-            )
+        self.final_counts = [final[layer.name] for layer in self.layers]
 
     def is_update_step(self, step: int) -> bool:
         # Also update at stop itself, so the final counts are reached exactly.

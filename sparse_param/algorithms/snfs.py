@@ -44,9 +44,9 @@ class SNFS(SparseScheduler):
         momentum: float = 0.9,
         **kwargs: Any,
     ):
-        super().__init__(model, optimizer, **kwargs)
-        if not 0 <= momentum < 1:
+        if not 0 <= momentum < 1:  # before attaching to the optimizer
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        super().__init__(model, optimizer, **kwargs)
         self.momentum = momentum
         self.buffers = [
             torch.zeros_like(layer.weight, dtype=torch.float32) for layer in self.layers
