@@ -66,6 +66,7 @@ class SparseMask(nn.Module):
         self._clean_version = -1  # version of the stored weight when last zeroed
         self.capture_dense_grad = False
         self.dense_grad: Tensor | None = None
+        self._dense_grad_task = -1  # autograd graph task that last added to dense_grad
 
     def forward(self, weight: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
@@ -97,12 +98,16 @@ class SparseMask(nn.Module):
         return weight * self.mask
 
     def _accumulate_dense_grad(self, weight: Tensor, grad: Tensor) -> None:
-        # Accumulate exactly as ``weight.grad`` does: a backward pass after zero_grad
-        # starts afresh, so an optimizer step the AMP scaler skipped leaves nothing.
-        if weight.grad is None or self.dense_grad is None:
+        # Accumulate exactly as ``weight.grad`` does: the first backward pass after
+        # zero_grad() starts afresh (so a step the AMP scaler skipped leaves nothing),
+        # and every use of the weight within one backward pass adds up.
+        task = torch._C._current_graph_task_id()
+        fresh = weight.grad is None and task != self._dense_grad_task
+        if fresh or self.dense_grad is None:
             self.dense_grad = grad.detach().clone()
         else:
             self.dense_grad += grad.detach()
+        self._dense_grad_task = task
 
     def extra_repr(self) -> str:
         active = int(self.mask.sum())

@@ -849,12 +849,6 @@ class Twice(nn.Module):
         return self.lin(torch.relu(self.lin(x)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mask.py: SparseMask._accumulate_dense_grad restarts on every use while "
-    "weight.grad is None, so a layer used twice in one forward keeps the dense gradient "
-    "of one use only (reported, not fixed here)",
-)
 def test_dense_grad_of_a_layer_used_twice_is_the_sum_over_uses():
     torch.manual_seed(0)
     model = sp.sparsify(Twice(), 0.5, seed=1)
