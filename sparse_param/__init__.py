@@ -1,5 +1,6 @@
 """sparse_param: sparse-from-scratch training for any PyTorch model."""
 
+from . import models, plots  # models: registers the papers' architectures with timm
 from .algorithms import ALGORITHMS, DSR, GMP, SET, SNFS, GraNet, RigL, Static
 from .allocation import allocate, apportion
 from .export import dense_state_dict, finalize, is_sparse_state_dict, load_state_dict
@@ -30,6 +31,8 @@ __all__ = [
     "is_sparse_state_dict",
     "itop_rate",
     "layer_table",
+    "models",
+    "plots",
     "load_state_dict",
     "rescale_to_active_fan_in",
     "sparse_layers",
