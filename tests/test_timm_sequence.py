@@ -18,12 +18,19 @@ def _phase(name: str, out: Path) -> dict:
     return torch.load(out / f"{name}.pt", weights_only=True)
 
 
-@pytest.mark.slow
-def test_resume_in_new_process_continues_exactly(tmp_path):
-    full = _phase("full", tmp_path / "full")
-    first = _phase("first", tmp_path / "split")
-    resumed = _phase("resume", tmp_path / "split")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("timm_sequence")
+    return {
+        "full": _phase("full", root / "full"),
+        "first": _phase("first", root / "split"),
+        "resume": _phase("resume", root / "split"),
+    }
 
+
+@pytest.mark.slow
+def test_resume_in_new_process_continues_exactly(runs):
+    full, first, resumed = runs["full"], runs["first"], runs["resume"]
     assert first["updates"] == 2 and full["updates"] == 4
     assert resumed["step_count"] == full["step_count"] == 8
     assert resumed["updates"] == 4  # history came back through optimizer.state_dict()
@@ -37,8 +44,9 @@ def test_resume_in_new_process_continues_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_ema_tracks_live_masks_and_stays_sparse(tmp_path):
-    run = _phase("full", tmp_path)
+@pytest.mark.parametrize("phase", ["full", "resume"])
+def test_ema_tracks_live_masks_and_stays_sparse(runs, phase):
+    run = runs[phase]
     for name, mask in run["masks"].items():
         assert torch.equal(run["ema_masks"][name], mask), name
     assert run["ema_inactive_nonzero"] == 0
