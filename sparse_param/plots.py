@@ -35,6 +35,17 @@ def _figure(width: float, height: float, ncols: int = 1):
     return fig, axes
 
 
+def _finish(fig, axes, title: str | None, path: str | os.PathLike) -> Path:
+    """Grid and legend on every axis, the title, then save."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,13 +98,7 @@ def plot_training_curves(
     ax_acc.set(xlabel=x, ylabel=accuracy, title="accuracy")
     ax_rs.set(xlabel=x, ylabel="share of weights", title="R_s (ever active) and density")
     ax_rs.set_yscale("log")  # sparse runs sit near the density, dense ones at 1
-    for ax in (ax_acc, ax_rs):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    return _finish(fig, (ax_acc, ax_rs), title, path)
 
 
 def plot_layer_density(
@@ -209,13 +214,7 @@ def plot_curves(
     ax_acc.set(xlabel=x_label, ylabel="accuracy", title="accuracy")
     ax_rs.set(xlabel=x_label, ylabel="R_s (share of weights ever active)", title="R_s")
     ax_rs.set_yscale("log")  # sparse runs sit near the density, dense ones at 1
-    for ax in (ax_acc, ax_rs):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    return _finish(fig, (ax_acc, ax_rs), title, path)
 
 
 def plot_allocation(
