@@ -100,3 +100,60 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: 
             "sparse_param.dense_state_dict(checkpoint) to get the plain weights"
         )
     return model.load_state_dict(state_dict, strict=strict)
+
+
+def save_safetensors(model: nn.Module, path, metadata: Mapping[str, str] | None = None) -> None:
+    """Save ``model``'s weights as a plain (dense-layout) safetensors file.
+
+    Writes ``dense_state_dict(model.state_dict())``, so the same call works for a sparse
+    model (masked weights become plain ``weight`` tensors with zeros; masks and
+    ever-active buffers are dropped), a finalized model, and a ``to_sparse`` model. The
+    model itself is not changed. Load with ``safetensors.torch.load_file(path)`` and
+    ``load_state_dict`` into a fresh model of the same architecture; timm's
+    ``create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=path))`` works
+    too, but re-initializes the classifier when ``num_classes`` differs from the model
+    config's. To resume sparse training,
+    save ``model.state_dict()`` with ``torch.save`` instead: this file has no masks.
+
+    Tensors are made contiguous; tensors sharing memory (tied weights) are each written
+    in full, so every key of the state dict is in the file.
+
+    Args:
+        model: the model (DDP / DataParallel / ``torch.compile`` wrappers are looked
+            through).
+        path: file to write (``str`` or ``os.PathLike``).
+        metadata: extra text metadata for the file header; ``{"format": "pt"}`` is added.
+
+    Raises:
+        ValueError: the model has weight-standardized sparse convolutions, whose sparse
+            weight exists only after standardization and cannot be stored as a plain
+            weight (see :func:`finalize`); or its state dict holds non-tensor entries.
+    """
+    from safetensors.torch import save_file  # optional dependency: sparse_param[export]
+
+    from .layers import unwrap
+
+    model = unwrap(model)
+    standardized = [layer.name for layer in sparse_layers(model) if is_standardized(layer.module)]
+    if standardized:
+        raise ValueError(
+            f"save_safetensors: layers {standardized} standardize their weight in forward, so "
+            f"their sparse weight exists only after standardization and a plain checkpoint "
+            f"cannot hold it; save model.state_dict() (with its masks) with torch.save instead"
+        )
+    tensors: dict[str, Tensor] = {}
+    seen: set[tuple[torch.device, int]] = set()
+    for key, value in dense_state_dict(model.state_dict()).items():
+        if not isinstance(value, Tensor):
+            raise ValueError(
+                f"save_safetensors: state dict entry {key!r} is a {type(value).__name__}, "
+                f"not a tensor; safetensors holds tensors only"
+            )
+        value = value.detach()
+        storage = (value.device, value.untyped_storage().data_ptr())
+        if storage in seen and value.numel():
+            value = value.clone()  # tied weights: write each key in full
+        else:
+            seen.add(storage)
+        tensors[key] = value.contiguous()
+    save_file(tensors, path, metadata={"format": "pt", **(metadata or {})})
