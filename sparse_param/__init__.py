@@ -3,7 +3,14 @@
 from . import models, plots  # models: registers the papers' architectures with timm
 from .algorithms import ALGORITHMS, DSR, GMP, SET, SNFS, GraNet, RigL, Static
 from .allocation import allocate, apportion
-from .export import dense_state_dict, finalize, is_sparse_state_dict, load_state_dict
+from .export import (
+    dense_state_dict,
+    finalize,
+    is_sparse_state_dict,
+    load_state_dict,
+    save_safetensors,
+)
+from .inference import SparseLinear, to_sparse
 from .layers import SparseLayer, sparse_layers
 from .mask import SparseMask
 from .metrics import density, effective_density, itop_rate, layer_table, summary
@@ -21,6 +28,7 @@ __all__ = [
     "SparseScheduler",
     "Static",
     "SparseLayer",
+    "SparseLinear",
     "SparseMask",
     "allocate",
     "apportion",
@@ -35,7 +43,9 @@ __all__ = [
     "plots",
     "load_state_dict",
     "rescale_to_active_fan_in",
+    "save_safetensors",
     "sparse_layers",
     "sparsify",
     "summary",
+    "to_sparse",
 ]

@@ -44,7 +44,7 @@ class SparseLayer:
     @property
     def active(self) -> int:
         """Number of active weights."""
-        return int(self.mask.sum())
+        return int(self.mask.count_nonzero())  # faster than sum() on bool
 
     @property
     def numel(self) -> int:

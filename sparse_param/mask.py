@@ -62,7 +62,7 @@ class SparseMask(nn.Module):
             raise TypeError(f"mask must be torch.bool, got {mask.dtype}")
         self.register_buffer("mask", mask.clone())
         self.register_buffer("ever_active", mask.clone())
-        self.allocated = int(mask.sum())  # active count given by the allocation
+        self.allocated = int(mask.count_nonzero())  # active count given by the allocation
         self._clean_version = -1  # version of the stored weight when last zeroed
         self.capture_dense_grad = False
         self.dense_grad: Tensor | None = None
@@ -110,7 +110,7 @@ class SparseMask(nn.Module):
         self._dense_grad_task = task
 
     def extra_repr(self) -> str:
-        active = int(self.mask.sum())
+        active = int(self.mask.count_nonzero())
         return f"shape={tuple(self.mask.shape)}, active={active}/{self.mask.numel()}"
 
 

@@ -32,7 +32,7 @@ def itop_rate(model: nn.Module) -> float:
     at the density and never decreases.
     """
     layers = _require_layers(model)
-    ever = sum(int(layer.ever_active.sum()) for layer in layers)
+    ever = sum(int(layer.ever_active.count_nonzero()) for layer in layers)
     return ever / sum(layer.numel for layer in layers)
 
 
@@ -40,7 +40,7 @@ def layer_table(model: nn.Module) -> list[dict[str, Any]]:
     """One row per sparse layer: name, shape, numel, active, density, ever_active, itop_rate."""
     rows = []
     for layer in _require_layers(model):
-        ever = int(layer.ever_active.sum())
+        ever = int(layer.ever_active.count_nonzero())
         rows.append(
             {
                 "name": layer.name,

@@ -52,9 +52,8 @@ def standardized_weight(module: nn.Module) -> Tensor:
 def _sparse_standardized_forward(self: nn.Module, x: Tensor) -> Tensor:
     if getattr(self, "same_pad", False):
         x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-    return F.conv2d(
-        x, standardized_weight(self), self.bias, self.stride, self.padding, self.dilation, self.groups
-    )
+    weight = standardized_weight(self)
+    return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def install_sparse_forward(module: nn.Module) -> None:

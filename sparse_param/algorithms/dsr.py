@@ -61,7 +61,7 @@ class DSR(SparseScheduler):
     def prune_counts(self, fraction: float) -> list[int]:
         below = [
             min(
-                int((layer.weight.abs() < self.threshold).logical_and_(layer.mask).sum()),
+                int((layer.weight.abs() < self.threshold).logical_and_(layer.mask).count_nonzero()),
                 layer.active - 1,
             )
             for layer in self.layers
