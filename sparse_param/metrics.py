@@ -102,16 +102,24 @@ _WEIGHTED_OPS = {F.linear, F.conv1d, F.conv2d, F.conv3d}
 
 
 class _WeightRecorder(TorchFunctionMode):
-    def __init__(self, stack: list[str], seen: dict[str, list[Tensor]]) -> None:
+    """Records the weight of every linear/conv op, credited to the sparse layer whose
+    stored weight it is (a parent module may call ``F.linear(x, self.qkv.weight)``, as
+    timm's EVA and SwinV2 attention do), or else to the sparse module running (a layer
+    that transforms its weight in forward passes a new tensor)."""
+
+    def __init__(self, stack: list[str], owners: dict[int, str], seen: dict[str, list[Tensor]]):
         super().__init__()
-        self.stack, self.seen = stack, seen
+        self.stack, self.owners, self.seen = stack, owners, seen
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _WEIGHTED_OPS and self.stack:
+        if func in _WEIGHTED_OPS:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             if isinstance(weight, Tensor):
-                self.seen.setdefault(self.stack[-1], []).append(weight.detach().clone())
+                owner = self.owners.get(weight.data_ptr())
+                owner = owner or (self.stack[-1] if self.stack else None)
+                if owner is not None:
+                    self.seen.setdefault(owner, []).append(weight.detach().clone())
         return func(*args, **kwargs)
 
 
@@ -138,7 +146,8 @@ def effective_density(model: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str
         )
         handles.append(layer.module.register_forward_hook(lambda m, a, o: stack.pop() and None))
     try:
-        with _WeightRecorder(stack, seen):
+        owners = {layer.weight.data_ptr(): layer.name for layer in layers}
+        with _WeightRecorder(stack, owners, seen):
             model(*inputs, **kwargs)
     finally:
         for handle in handles:

@@ -38,14 +38,8 @@ SAMPLE = {
     "eva02_tiny_patch14_224": "qkv weight read by the parent: F.linear(x, self.qkv.weight, b)",
 }
 
-# Known failures of the sweep (docs/timm_coverage.md), kept in the sample so a fix shows.
-KNOWN_FAILURES = {
-    "eva02_tiny_patch14_224": (
-        "effective_density cannot attribute F.linear(x, self.qkv.weight, qkv_bias) called "
-        "by EvaAttention (no sparse module running): 'ran no linear/conv op' although the "
-        "layer computes sparse; fix proposed in sparse_param/metrics.py"
-    ),
-}
+# Models of the sample that fail the check, as strict xfails (none at present).
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _load_script():
