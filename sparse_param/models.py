@@ -336,32 +336,13 @@ def _cfg(mean, std, input_size, num_classes=10, **kwargs) -> dict[str, Any]:
     }
 
 
+_MLP_CFG = {"first_conv": "fc1", "classifier": "head", "fixed_input_size": True}
+
 default_cfgs = generate_default_cfgs(
     {
-        "lenet_300_100": _cfg(
-            MNIST_MEAN,
-            MNIST_STD,
-            (1, 28, 28),
-            first_conv="fc1",
-            classifier="head",
-            fixed_input_size=True,
-        ),
-        "mlp_cifar": _cfg(
-            CIFAR10_MEAN,
-            CIFAR10_STD,
-            (3, 32, 32),
-            first_conv="fc1",
-            classifier="head",
-            fixed_input_size=True,
-        ),
-        "set_mlp_cifar": _cfg(
-            CIFAR10_MEAN,
-            CIFAR10_STD,
-            (3, 32, 32),
-            first_conv="fc1",
-            classifier="head",
-            fixed_input_size=True,
-        ),
+        "lenet_300_100": _cfg(MNIST_MEAN, MNIST_STD, (1, 28, 28), **_MLP_CFG),
+        "mlp_cifar": _cfg(CIFAR10_MEAN, CIFAR10_STD, (3, 32, 32), **_MLP_CFG),
+        "set_mlp_cifar": _cfg(CIFAR10_MEAN, CIFAR10_STD, (3, 32, 32), **_MLP_CFG),
         "wrn_28_2": _cfg(
             CIFAR10_MEAN, CIFAR10_STD, (3, 32, 32), first_conv="conv1", classifier="fc"
         ),
