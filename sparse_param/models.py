@@ -48,7 +48,22 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 # ----------------------------------------------------------------------------- MLPs
 
 
-class MLP(nn.Module):
+class _LinearClassifier:
+    """timm's classifier interface for a model whose head is one Linear, stored under the
+    attribute named by ``classifier``."""
+
+    classifier = "head"
+
+    def get_classifier(self) -> nn.Module:
+        return getattr(self, self.classifier)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        setattr(self, self.classifier, head)
+
+
+class MLP(_LinearClassifier, nn.Module):
     """Fully connected classifier on the flattened image.
 
     Hidden layers ``fc1 … fcN`` (Linear → ReLU → Dropout(``drop_rate``)), classifier
@@ -80,13 +95,6 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(drop_rate)
         self.num_features = self.head_hidden_size = widths[-1]
         self.head = nn.Linear(widths[-1], num_classes, **dd) if num_classes else nn.Identity()
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = x.flatten(1)
@@ -134,7 +142,7 @@ class _WideBlock(nn.Module):
         return o + skip
 
 
-class WideResNet(nn.Module):
+class WideResNet(_LinearClassifier, nn.Module):
     """CIFAR WideResNet-``depth``-``widen_factor``: a 3×3 stem of 16 channels, three
     groups of ``(depth − 4) / 6`` pre-activation blocks of 16k, 32k, 64k channels
     (strides 1, 2, 2), BN-ReLU, global average pooling, linear classifier ``fc``.
@@ -144,6 +152,8 @@ class WideResNet(nn.Module):
             paper's 0.3; 0 in the DSR/SNFS runs).
         drop_rate: dropout before the classifier (timm's meaning).
     """
+
+    classifier = "fc"
 
     def __init__(
         self,
@@ -199,13 +209,6 @@ class WideResNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-
     def forward_features(self, x: Tensor) -> Tensor:
         return self.act(self.bn(self.stages(self.conv1(x))))
 
@@ -233,7 +236,7 @@ VGG_CONFIGS: dict[str, list[Any]] = {
 VGG_CONFIGS["like"] = VGG_CONFIGS["D"]
 
 
-class CifarVGG(nn.Module):
+class CifarVGG(_LinearClassifier, nn.Module):
     """VGG-16 for 32×32 inputs as in the SNIP / sparse_learning / ITOP code: conv-BN-ReLU
     features, then a classifier of Linear(→512)-ReLU-BN1d, twice for configs C and D
     (once for "like"), and Linear(512 → classes).
@@ -284,13 +287,6 @@ class CifarVGG(nn.Module):
         self.num_features = self.head_hidden_size = 512
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(512, num_classes, **dd) if num_classes else nn.Identity()
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.features(x)
