@@ -130,6 +130,7 @@ class SparseScheduler:
         self.step_count = 0
         self.generator = torch.Generator().manual_seed(seed)
         self.history: list[dict[str, Any]] = []
+        self.setup()  # may raise: nothing is attached yet
         self._hook = (
             optimizer.register_step_post_hook(self._after_optimizer_step) if attach else None
         )
@@ -167,6 +168,11 @@ class SparseScheduler:
         """Weights each layer regrows, given what it pruned and how many positions were
         inactive before the update. Default: as many as it pruned."""
         return list(pruned)
+
+    def setup(self) -> None:
+        """Called once the layers and the schedule are known, before the scheduler
+        attaches to the optimizer: algorithms derive their own state and check their
+        arguments here, so a bad argument leaves the optimizer untouched."""
 
     def observe(self) -> None:
         """Called after every counted optimizer step, before any update."""

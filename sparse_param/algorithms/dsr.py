@@ -48,11 +48,13 @@ class DSR(SparseScheduler):
             raise ValueError(f"threshold must be positive, got {threshold}")
         self.threshold = float(threshold)
         self.doublings = doublings
+        self.target_pruned = target_pruned
         super().__init__(model, optimizer, **kwargs)
-        active = sum(layer.active for layer in self.layers)
-        self.target_pruned = round(0.1 * active) if target_pruned is None else target_pruned
+
+    def setup(self) -> None:
+        if self.target_pruned is None:
+            self.target_pruned = round(0.1 * sum(layer.active for layer in self.layers))
         if self.target_pruned <= 0:
-            self.remove()  # leave the optimizer and model as they were
             raise ValueError(f"target_pruned must be positive, got {self.target_pruned}")
 
     def interval(self, step: int) -> int:

@@ -42,18 +42,18 @@ class GMP(SparseScheduler):
         distribution: str | Mapping[str, float] = "erk",
         **kwargs: Any,
     ):
+        self.density = density
+        self.distribution = distribution
         super().__init__(model, optimizer, **kwargs)
-        try:
-            shapes = {layer.name: tuple(layer.mask.shape) for layer in self.layers}
-            final = allocate(shapes, density, distribution)
-            if any(final[layer.name] > layer.active for layer in self.layers):
-                raise ValueError(
-                    f"{type(self).__name__}: the model is sparser than the target density "
-                    f"{density}; sparsify it at a higher density (1.0 for a dense start)"
-                )
-        except BaseException:
-            self.remove()  # leave the optimizer and model as they were
-            raise
+
+    def setup(self) -> None:
+        shapes = {layer.name: tuple(layer.mask.shape) for layer in self.layers}
+        final = allocate(shapes, self.density, self.distribution)
+        if any(final[layer.name] > layer.active for layer in self.layers):
+            raise ValueError(
+                f"{type(self).__name__}: the model is sparser than the target density "
+                f"{self.density}; sparsify it at a higher density (1.0 for a dense start)"
+            )
         self.initial_counts = [layer.active for layer in self.layers]
         self.final_counts = [final[layer.name] for layer in self.layers]
 
