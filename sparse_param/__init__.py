@@ -14,7 +14,7 @@ from .inference import SparseLinear, to_sparse
 from .layers import SparseLayer, sparse_layers
 from .mask import SparseMask
 from .metrics import density, effective_density, itop_rate, layer_table, summary
-from .scheduler import SparseScheduler
+from .scheduler import SparseScheduler, attached_scheduler
 from .sparsify import rescale_to_active_fan_in, sparsify
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "SparseMask",
     "allocate",
     "apportion",
+    "attached_scheduler",
     "dense_state_dict",
     "density",
     "effective_density",

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .layers import sparse_layers
+from .scheduler import attached_scheduler
 from .standardized import is_standardized
 
 _ORIGINAL = "parametrizations.weight.original"
@@ -35,6 +36,10 @@ def finalize(model: nn.Module) -> nn.Module:
     architecture. Safe on deep copies (EMA models): the copy gets its own class before
     the parametrization is removed, so the model it was copied from is unaffected.
 
+    A scheduler still attached to the model is detached first (its ``remove()``): there
+    is no mask left to update or keep, so training after ``finalize`` is plain dense
+    training (every weight trains, pruned ones from zero).
+
     Raises:
         ValueError: the model has no sparse layers, or has weight-standardized
             convolutions, whose sparse weight exists only after standardization and so
@@ -50,6 +55,9 @@ def finalize(model: nn.Module) -> nn.Module:
             f"sparse weight exists only after standardization and no plain checkpoint can hold "
             f"it; keep the model sparse (its state_dict carries the masks) for inference"
         )
+    scheduler = attached_scheduler(model)
+    if scheduler is not None:
+        scheduler.remove()
     for layer in layers:
         module = layer.module
         # Deep copies share the generated Parametrized* class; removing the property from

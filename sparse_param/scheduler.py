@@ -3,16 +3,22 @@
 An algorithm is a subclass that says how many weights each layer drops, which ones
 (``prune_score``), how many each layer regrows and which ones (``grow_score``). The
 engine does the rest the same way for all: counting optimizer steps, deciding when to
-update, the dense gradient for gradient-based growth, exact top-k selection, zeroing
-weights and optimizer state, keeping ``ever_active``, DDP agreement, records and
-checkpoints.
+update, the dense gradient for gradient-based growth, exact top-k selection, dropping
+non-finite weights, zeroing weights and optimizer state, keeping ``ever_active``, DDP
+agreement, records, checkpoints and the life cycle (one scheduler per optimizer and
+model, validated schedule attributes, validated state).
 """
 
 from __future__ import annotations
 
+import json
+import numbers
+import os
 import warnings
-from collections.abc import Sequence
-from typing import Any
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -26,17 +32,86 @@ from .schedules import DROP_SCHEDULES
 from .schedules import drop_fraction as drop_fraction_at
 
 OPTIMIZER_STATE_KEY = "sparse_param"  # where the scheduler's state sits in optimizer.state_dict()
+HISTORY_SIZE = 20  # full update records a checkpoint keeps (so checkpoints stay bounded)
+FEW_UPDATES = 5  # a schedule with fewer topology updates than this gets a warning
+
+# The scheduler attached to each optimizer and to each sparse layer's SparseMask. Keys are
+# held weakly (a dropped optimizer or model frees its entry); values are weak references
+# too, so the registry keeps nothing alive.
+_ATTACHED: weakref.WeakKeyDictionary[object, weakref.ref[SparseScheduler]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def attached_scheduler(obj: torch.optim.Optimizer | nn.Module) -> SparseScheduler | None:
+    """The scheduler attached to an optimizer, or to any sparse layer of a model (DDP and
+    torch.compile wrappers are looked through); None if there is none.
+
+    Call its :meth:`~SparseScheduler.remove` to detach it.
+    """
+    keys = [obj] if isinstance(obj, torch.optim.Optimizer) else [
+        layer.parametrization for layer in sparse_layers(obj)
+    ]  # fmt: skip
+    for key in keys:
+        ref = _ATTACHED.get(key)
+        if ref is not None and ref() is not None:
+            return ref()
+    return None
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int) -> int:
+    """``value`` as a Python int (numpy integers accepted), refusing anything below
+    ``minimum``; errors name ``owner`` (the class the user called) and ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be an int, got {value!r} ({type(value).__name__})")
+    if not isinstance(value, numbers.Integral) and not float(value).is_integer():
+        raise ValueError(f"{owner}: {name} must be a whole number, got {value!r}")
+    if not float(value) >= minimum:
+        raise ValueError(f"{owner}: {name} must be an int ≥ {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_real(
+    owner: str, name: str, value: Any, low: float, high: float, *, open_low: bool = False,
+    open_high: bool = False,
+) -> float:  # fmt: skip
+    """``value`` as a Python float (numpy scalars accepted) in ``[low, high]`` (``(`` /
+    ``)`` where open), finite unless ``high`` is inf; NaN is always refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    above = value > low if open_low else value >= low
+    below = value < high if open_high else value <= high
+    if not (above and below):
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        raise ValueError(f"{owner}: {name} must be in {interval}, got {value!r}")
+    return value
+
+
+def _schedule_attribute(name: str, doc: str) -> property:
+    """A schedule attribute: reading returns it, assigning validates the whole schedule
+    with the new value and re-derives what depends on it (see ``_set_schedule``)."""
+
+    def get(self: SparseScheduler) -> Any:
+        return self._schedule[name]
+
+    def set_(self: SparseScheduler, value: Any) -> None:
+        self._set_schedule(**{name: value})
+
+    return property(get, set_, doc=doc)
 
 
 class SparseScheduler:
     """Base scheduler: attach to an optimizer and update the sparse topology.
 
-    Every ``update_interval`` optimizer steps, up to ``stop · total_steps``, each
+    Every ``update_interval`` optimizer steps, in ``(start, stop] · total_steps``, each
     layer drops its ``drop_fraction`` (decayed by ``drop_schedule``) of active weights
     with the lowest :meth:`prune_score` and regrows as many among the positions that
     were inactive before the update, those with the highest :meth:`grow_score`.
     A connection dropped at an update can come back only at a later one; grown weights
-    start at zero with zero optimizer state.
+    start at zero with zero optimizer state. Active weights that are not finite are
+    dropped first at every update, by every algorithm, on top of what the algorithm
+    drops, and regrown in the same layer, so the counts stay exactly the algorithm's.
 
     Args:
         model: a model passed through :func:`sparse_param.sparsify` (DDP and
@@ -47,31 +122,62 @@ class SparseScheduler:
         drop_fraction: α, share of active weights dropped at an update, before decay.
         drop_schedule: ``"cosine"``, ``"linear"`` or ``"constant"`` decay of α.
         stop: share of ``total_steps`` after which the topology is frozen (T_end).
-            Left at None, these four take the algorithm's published defaults (class
-            attributes of the same names).
+            Left at None, these four take the algorithm's published defaults
+            (its ``defaults`` class attribute).
         start: share of ``total_steps`` before which the topology is not updated.
         seed: seed of the scheduler's own generator (random growth); keep it equal on
             every DDP rank.
         attach: count steps through ``optimizer.register_step_post_hook`` (default).
             With ``attach=False`` call :meth:`step` after every ``optimizer.step()``.
+        history_size: full update records kept in :meth:`state_dict` (the most recent
+            ones), so checkpoints stay bounded; ``history`` in memory keeps every record
+            of this process.
+        log_path: a file to which every update record is appended as one JSON line
+            (the complete per-layer history of the run, across resumes).
+
+    The six schedule attributes (``total_steps``, ``update_interval``, ``drop_fraction``,
+    ``drop_schedule``, ``stop``, ``start``) may be assigned at any time, e.g.
+    ``scheduler.total_steps = epochs * len(loader)`` once the length of the run is known;
+    an assignment is validated (a bad value raises and changes nothing) and re-derives
+    what depends on it (the dense-gradient capture of the next step).
 
     After every optimizer step the stored weights are re-zeroed where inactive, so
     optimizers whose update is dense (Shampoo, Muon, …) cannot revive pruned weights.
     Steps an AMP ``GradScaler`` skips are not counted; with gradient accumulation only
     real optimizer steps count.
 
-    Checkpoints: :meth:`state_dict` holds the counters, the generator and the history.
-    It is also stored under ``optimizer.state_dict()["sparse_param"]`` and restored by
+    One scheduler per optimizer and per model: a second one is refused until the first
+    is :meth:`remove`-d (:func:`attached_scheduler` finds it).
+
+    Checkpoints: :meth:`state_dict` holds the algorithm's name, the layers' names and
+    shapes, the counters, the generator and the last ``history_size`` records. It is
+    also stored under ``optimizer.state_dict()["sparse_param"]`` and restored by
     ``optimizer.load_state_dict``, so any script that checkpoints the optimizer resumes
-    the scheduler exactly, provided the scheduler exists when the optimizer is loaded.
+    the scheduler exactly, provided the scheduler exists when the optimizer is loaded
+    (creating it afterwards warns). A state of another algorithm or layer set is
+    refused before anything (scheduler or optimizer) is changed.
     """
 
     needs_dense_grad = False  # gradient-based growth captures dL/dW on update steps
+    updates_topology = True  # False for Static: no warning about a schedule that never updates
     # Defaults of the algorithm, used for the arguments left at None.
-    update_interval = 100
-    drop_fraction = 0.3
-    drop_schedule = "cosine"
-    stop = 0.75
+    defaults: ClassVar[dict[str, Any]] = {
+        "update_interval": 100,
+        "drop_fraction": 0.3,
+        "drop_schedule": "cosine",
+        "stop": 0.75,
+    }
+
+    total_steps = _schedule_attribute("total_steps", "Optimizer steps of the whole run.")
+    update_interval = _schedule_attribute(
+        "update_interval", "ΔT, optimizer steps between topology updates."
+    )
+    drop_fraction = _schedule_attribute(
+        "drop_fraction", "α, share of active weights dropped at an update, before decay."
+    )
+    drop_schedule = _schedule_attribute("drop_schedule", "Decay of α: one of ``DROP_SCHEDULES``.")
+    stop = _schedule_attribute("stop", "Share of total_steps after which nothing updates.")
+    start = _schedule_attribute("start", "Share of total_steps before which nothing updates.")
 
     def __init__(
         self,
@@ -86,61 +192,94 @@ class SparseScheduler:
         start: float = 0.0,
         seed: int = 0,
         attach: bool = True,
+        history_size: int = HISTORY_SIZE,
+        log_path: str | os.PathLike[str] | None = None,
     ) -> None:
-        update_interval = self.update_interval if update_interval is None else update_interval
-        drop_fraction = self.drop_fraction if drop_fraction is None else drop_fraction
-        drop_schedule = self.drop_schedule if drop_schedule is None else drop_schedule
-        stop = self.stop if stop is None else stop
-        self.layers: list[SparseLayer] = list(sparse_layers(model))
-        if not self.layers:
+        owner = type(self).__name__
+        layers = list(sparse_layers(model))
+        if not layers:
             raise ValueError(
-                f"{type(self).__name__}: the model has no sparse layers; call "
+                f"{owner}: the model has no sparse layers; call "
                 f"sparse_param.sparsify(model) before creating the scheduler"
             )
-        _check_positive_int(total_steps, "total_steps")
-        _check_positive_int(update_interval, "update_interval")
-        if not 0 <= drop_fraction <= 1:
-            raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction}")
-        if drop_schedule not in DROP_SCHEDULES:
-            raise ValueError(
-                f"unknown drop_schedule {drop_schedule!r}; expected one of {DROP_SCHEDULES}"
-            )
-        if not 0 <= stop <= 1:
-            raise ValueError(f"stop must be a share of total_steps in [0, 1], got {stop}")
-        if not 0 <= start <= stop:
-            raise ValueError(
-                f"start must be a share of total_steps in [0, stop={stop}], got {start}"
-            )
+        given = {
+            "total_steps": total_steps,
+            "update_interval": update_interval,
+            "drop_fraction": drop_fraction,
+            "drop_schedule": drop_schedule,
+            "stop": stop,
+            "start": start,
+        }
+        schedule = self._check_schedule(
+            {k: self.defaults.get(k) if v is None else v for k, v in given.items()}
+        )
+        seed = check_int(owner, "seed", seed, 0)
+        if not isinstance(attach, bool):
+            raise TypeError(f"{owner}: attach must be True or False, got {attach!r}")
+        history_size = check_int(owner, "history_size", history_size, 0)
+        if log_path is not None:
+            log_path = Path(log_path)
+            if not log_path.parent.is_dir():
+                raise ValueError(
+                    f"{owner}: log_path {str(log_path)!r}: folder {str(log_path.parent)!r} "
+                    f"does not exist; create it first"
+                )
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [layer.name for layer in self.layers if id(layer.weight) not in held]
+        missing = [layer.name for layer in layers if id(layer.weight) not in held]
         if missing:
             raise ValueError(
-                f"the optimizer does not hold the weights of sparse layers {missing[:5]}"
-                f"{' …' if len(missing) > 5 else ''}: build it from model.parameters() "
-                f"(after or before sparsify, both work)"
+                f"{owner}: the optimizer does not hold the weights of sparse layers "
+                f"{missing[:5]}{' …' if len(missing) > 5 else ''}: build it from "
+                f"model.parameters() (after or before sparsify, both work)"
             )
+        for what, obj in (("optimizer", optimizer), ("model", model)):
+            first = attached_scheduler(obj)
+            if first is not None:
+                raise RuntimeError(
+                    f"{owner}: {first!r} is already attached to this {what}; two schedulers "
+                    f"would both change the topology and share the checkpoint entry. Call "
+                    f"remove() on the first (sparse_param.attached_scheduler({what})"
+                    f".remove()) before creating another"
+                )
         self.model = model
         self.optimizer = optimizer
-        self.total_steps = total_steps
-        self.update_interval = update_interval
-        self.drop_fraction = drop_fraction
-        self.drop_schedule = drop_schedule
-        self.stop = stop
-        self.start = start
+        self.layers: list[SparseLayer] = layers
+        self._schedule = schedule
+        self.history_size = history_size
+        self.log_path = log_path
         self.step_count = 0
+        self.num_updates = 0  # over the whole run, across resumes
         self.generator = torch.Generator().manual_seed(seed)
         self.history: list[dict[str, Any]] = []
+        self._schedule_checked = False
+        self._pending_state: dict[str, Any] | None = None
+        self._hook = None
+        self._state_hooks: list[Any] = []
         self.setup()  # may raise: nothing is attached yet
+        if any(bool(state) for state in optimizer.state.values()):
+            warnings.warn(
+                f"{owner}: the optimizer already holds state (it has taken steps or was "
+                f"loaded from a checkpoint); this scheduler starts its schedule at step 0. "
+                f"If you are resuming, create the scheduler before "
+                f"optimizer.load_state_dict(...), or restore it with "
+                f"scheduler.load_state_dict(checkpoint_of_the_optimizer['sparse_param'])",
+                UserWarning,
+                stacklevel=2,
+            )
         self._hook = (
             optimizer.register_step_post_hook(self._after_optimizer_step) if attach else None
         )
         # Ride along in the optimizer's state_dict, so a script that checkpoints and
         # resumes the optimizer (timm's CheckpointSaver / resume_checkpoint) resumes
-        # the topology schedule too.
+        # the topology schedule too. Loading checks in the pre-hook (before torch loads
+        # anything) and assigns in the post-hook (after torch accepted the state).
         self._state_hooks = [
             optimizer.register_state_dict_post_hook(self._save_into_optimizer_state),
-            optimizer.register_load_state_dict_pre_hook(self._load_from_optimizer_state),
+            optimizer.register_load_state_dict_pre_hook(self._check_optimizer_state),
+            optimizer.register_load_state_dict_post_hook(self._load_from_optimizer_state),
         ]
+        for key in [optimizer, *(layer.parametrization for layer in layers)]:
+            _ATTACHED[key] = weakref.ref(self)
         self._arm_dense_grad()
 
     # ----------------------------------------------------------------- the criteria
@@ -184,11 +323,80 @@ class SparseScheduler:
             self._average_dense_grads()
 
     def after_update(self, pruned: Sequence[int], grown: Sequence[int]) -> None:
-        """Called after every update with the per-layer counts."""
+        """Called after every update with the per-layer counts of the algorithm's own
+        rule (``prune_counts`` / ``grow_counts``; the engine's extra drops of non-finite
+        weights, regrown in the same layer, are not included)."""
 
     def interval(self, step: int) -> int:
         """Update interval in force at ``step``."""
         return self.update_interval
+
+    # ----------------------------------------------------------------- the schedule
+    def _check_schedule(self, schedule: Mapping[str, Any]) -> dict[str, Any]:
+        """The schedule with every value validated and made a plain Python value."""
+        owner = type(self).__name__
+        checked = {
+            "total_steps": check_int(owner, "total_steps", schedule["total_steps"], 1),
+            "update_interval": check_int(owner, "update_interval", schedule["update_interval"], 1),
+            "drop_fraction": check_real(owner, "drop_fraction", schedule["drop_fraction"], 0, 1),
+            "drop_schedule": schedule["drop_schedule"],
+            "stop": check_real(owner, "stop (a share of total_steps)", schedule["stop"], 0, 1),
+            "start": check_real(owner, "start (a share of total_steps)", schedule["start"], 0, 1),
+        }
+        if checked["drop_schedule"] not in DROP_SCHEDULES:
+            raise ValueError(
+                f"{owner}: unknown drop_schedule {checked['drop_schedule']!r}; expected one "
+                f"of {DROP_SCHEDULES}"
+            )
+        if checked["start"] > checked["stop"]:
+            raise ValueError(
+                f"{owner}: start={checked['start']} is after stop={checked['stop']}; start "
+                f"must be a share of total_steps in [0, stop]"
+            )
+        return checked
+
+    def _set_schedule(self, **changes: Any) -> None:
+        """Assign schedule attributes: validate the whole new schedule first (a bad value
+        raises and changes nothing), then re-derive what depends on it."""
+        self._schedule = self._check_schedule({**self._schedule, **changes})
+        self._arm_dense_grad()
+
+    def count_updates(self, limit: int | None = None) -> int:
+        """Topology updates the schedule makes over the whole run, counting stops at
+        ``limit``. Update steps are among the multiples of ``update_interval`` and
+        ``stop · total_steps`` (GMP's final update)."""
+        candidates = range(
+            (self.start_step // self.update_interval + 1) * self.update_interval,
+            self.stop_step + 1,
+            self.update_interval,
+        )
+        found = 0
+        for step in candidates:
+            found += self.is_update_step(step)
+            if limit is not None and found >= limit:
+                return found
+        if self.stop_step % self.update_interval and self.is_update_step(self.stop_step):
+            found += 1
+        return found if limit is None else min(found, limit)
+
+    def _warn_if_few_updates(self) -> None:
+        # At the first counted step, not at creation: a script may create the scheduler
+        # with a placeholder total_steps and set the real one later (timm's train.py).
+        self._schedule_checked = True
+        if not self.updates_topology:
+            return
+        n = self.count_updates(limit=FEW_UPDATES)
+        if n >= FEW_UPDATES:
+            return
+        what = "never changes" if n == 0 else f"changes only {n} time{'s' * (n > 1)}"
+        warnings.warn(
+            f"{type(self).__name__}: the topology {what} in this run: updates every "
+            f"update_interval={self.update_interval} steps in ({self.start_step}, "
+            f"{self.stop_step}] (start={self.start}, stop={self.stop} of total_steps="
+            f"{self.total_steps}). Lower update_interval or check total_steps",
+            UserWarning,
+            stacklevel=4,
+        )
 
     # ------------------------------------------------------------------- the engine
     @property
@@ -221,6 +429,8 @@ class SparseScheduler:
         self._on_step()
 
     def _on_step(self) -> None:
+        if not self._schedule_checked:
+            self._warn_if_few_updates()
         self.step_count += 1
         self._zero_inactive_weights()
         self.observe()
@@ -231,33 +441,60 @@ class SparseScheduler:
     @torch.no_grad()
     def update(self) -> dict[str, Any]:
         """Prune and regrow every layer now; returns (and appends to ``history``) the
-        record of the update."""
+        record of the update.
+
+        Non-finite active weights are dropped first, on top of the algorithm's own
+        counts, and as many are regrown in the same layer, as far as the layer keeps one
+        active weight and has positions to regrow into (a warning says so)."""
         fraction = self.current_drop_fraction()
         self.before_update()
         old_masks = [layer.mask.clone() for layer in self.layers]
         capacity = [layer.numel - layer.active for layer in self.layers]
-        pruned = self.prune_counts(fraction)
-        kept = [
-            old & ~self._select(layer, old, n, self.prune_score(i, layer), lowest=True)
-            for i, (layer, old, n) in enumerate(zip(self.layers, old_masks, pruned))
+        planned = self.prune_counts(fraction)
+        planned_grown = self.grow_counts(planned, capacity)
+        broken = [old & ~torch.isfinite(layer.weight) for layer, old in zip(self.layers, old_masks)]
+        extra = [
+            max(min(int(b.count_nonzero()), layer.active - 1 - p, c - g), 0)
+            for layer, b, p, g, c in zip(self.layers, broken, planned, planned_grown, capacity)
         ]
-        grown = self.grow_counts(pruned, capacity)
-        for i, (layer, old, keep, n) in enumerate(zip(self.layers, old_masks, kept, grown)):
-            grow = self._select(layer, ~old, n, self.grow_score(i, layer), lowest=False)
-            self._apply(layer, old, distributed.broadcast_mask_(keep | grow))
-        self.after_update(pruned, grown)
+        pruned = [p + e for p, e in zip(planned, extra)]
+        grown = [g + e for g, e in zip(planned_grown, extra)]
+        for i, (layer, old) in enumerate(zip(self.layers, old_masks)):
+            drop = self._select(
+                layer, old, pruned[i], self.prune_score(i, layer), lowest=True, first=broken[i]
+            )
+            self._warn_non_finite(layer, broken[i], drop)
+            grow = self._select(layer, ~old, grown[i], self.grow_score(i, layer), lowest=False)
+            self._apply(layer, old, distributed.broadcast_mask_((old & ~drop) | grow))
+        self.after_update(planned, planned_grown)
         self._clear_dense_grads()
         record = self._record(fraction, pruned, grown)
         self.history.append(record)
+        self.num_updates += 1
+        if self.log_path is not None:
+            with open(self.log_path, "a", encoding="utf-8") as log:
+                log.write(json.dumps(record, default=_plain) + "\n")
         return record
 
     def _select(
-        self, layer: SparseLayer, candidates: Tensor, n: int, score: Tensor | None, lowest: bool
+        self,
+        layer: SparseLayer,
+        candidates: Tensor,
+        n: int,
+        score: Tensor | None,
+        lowest: bool,
+        first: Tensor | None = None,
     ) -> Tensor:
-        """Bool tensor marking the ``n`` ``candidates`` with the lowest (``lowest``) or
-        highest ``score``; uniform at random when ``score`` is None. Non-finite scores
-        rank last (dropped first, grown last), with a warning."""
+        """Bool tensor marking ``n`` of the ``candidates``: those in ``first`` before any
+        other, then the lowest (``lowest``) or highest ``score``; uniform at random when
+        ``score`` is None. Non-finite scores rank last (dropped first, grown last), with a
+        warning."""
         chosen = torch.zeros(candidates.numel(), dtype=torch.bool, device=candidates.device)
+        if first is not None:
+            forced = (candidates & first).flatten().nonzero().squeeze(1)[:n]
+            chosen[forced] = True
+            candidates = candidates & ~first
+            n -= forced.numel()
         if n > 0:
             index = candidates.flatten().nonzero().squeeze(1)
             if n > index.numel():
@@ -282,6 +519,24 @@ class SparseScheduler:
                 pick = torch.topk(values, n, largest=not lowest, sorted=False).indices
             chosen[index[pick]] = True
         return chosen.view_as(candidates)
+
+    def _warn_non_finite(self, layer: SparseLayer, broken: Tensor, dropped: Tensor) -> None:
+        total = int(broken.count_nonzero())
+        if total == 0:
+            return
+        left = int((broken & ~dropped).count_nonzero())
+        stay = (
+            f"; {left} stay active (a layer keeps one active weight and regrows only into "
+            f"positions inactive before the update)"
+            if left
+            else ""
+        )
+        warnings.warn(
+            f"{type(self).__name__}: {total} non-finite active weights in layer "
+            f"{layer.name!r} at step {self.step_count}: dropped first{stay}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _apply(self, layer: SparseLayer, old: Tensor, new: Tensor) -> None:
         """Install ``new`` as the mask: zero pruned and grown weights and their
@@ -339,41 +594,122 @@ class SparseScheduler:
 
     # ------------------------------------------------------------ lifecycle & state
     def remove(self) -> None:
-        """Detach from the optimizer and stop capturing gradients."""
+        """Detach from the optimizer and the model and stop capturing gradients; the
+        optimizer and the model are then free for another scheduler."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         for handle in self._state_hooks:
             handle.remove()
         self._state_hooks = []
+        for key in [self.optimizer, *(layer.parametrization for layer in self.layers)]:
+            ref = _ATTACHED.get(key)
+            if ref is not None and ref() is self:
+                del _ATTACHED[key]
         for layer in self.layers:
             layer.parametrization.capture_dense_grad = False
         self._clear_dense_grads()
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters, the generator state and the history: tensors and plain values only,
-        loadable with ``torch.load(..., weights_only=True)``."""
+        """The algorithm's name, the layers (name and shape), the counters, the generator
+        state and the last ``history_size`` update records: tensors and plain values
+        only, loadable with ``torch.load(..., weights_only=True)``; bounded in size
+        however long the run."""
+        recent = self.history[-self.history_size :] if self.history_size else []
         return {
+            "algorithm": type(self).__name__,
+            "layers": [[layer.name, list(layer.mask.shape)] for layer in self.layers],
             "step_count": self.step_count,
+            "num_updates": self.num_updates,
             "generator": self.generator.get_state(),
-            "history": [dict(r) for r in self.history],
+            "history": [dict(r) for r in recent],
         }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`. The whole state is checked first (algorithm,
+        layers, every entry's type and shape); a state that does not fit raises
+        ``ValueError`` and leaves the scheduler as it was. ``history`` becomes the
+        records the state holds."""
+        self._check_state(state)
+        self.step_count = int(state["step_count"])
+        self.num_updates = int(state["num_updates"])
+        self.generator.set_state(state["generator"])
+        self.history = [dict(r) for r in state["history"]]
+        self._arm_dense_grad()
+
+    def _check_state(self, state: Any) -> None:
+        """Raise ``ValueError`` unless ``state`` is a :meth:`state_dict` of this
+        algorithm over the same layers. Subclasses check their own entries after
+        ``super()._check_state(state)``."""
+        owner = type(self).__name__
+        where = f"{owner}.load_state_dict"
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{where}: expected the dict of state_dict(), got {type(state)}")
+        saved = state.get("algorithm")
+        if saved is None:
+            raise ValueError(
+                f"{where}: the state has no 'algorithm' entry (keys {sorted(state)}): it was "
+                f"not saved by a sparse_param scheduler of this version"
+            )
+        if saved != owner:
+            raise ValueError(
+                f"{where}: the state was saved by a {saved} scheduler and this one is {owner}; "
+                f"create a {saved} scheduler to resume it, or start {owner} without loading it"
+            )
+        layers = [[layer.name, list(layer.mask.shape)] for layer in self.layers]
+        if state.get("layers") != layers:
+            theirs = state.get("layers")
+            count = len(theirs) if isinstance(theirs, list) else "?"
+            differ = next(
+                (
+                    f"saved {s}, here {o}"
+                    for s, o in zip(theirs if isinstance(theirs, list) else [], layers)
+                    if s != o
+                ),
+                "",
+            )
+            raise ValueError(
+                f"{where}: the state was saved for {count} sparse layers and this model has "
+                f"{len(layers)} ({differ or 'names or shapes differ'}); load it into the model "
+                f"it was saved from (same architecture and sparsify targets)"
+            )
+        for key in ("step_count", "num_updates"):
+            value = state.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where}: {key} must be an int ≥ 0, got {value!r}")
+        generator = state.get("generator")
+        expected = self.generator.get_state()
+        if not (
+            isinstance(generator, Tensor)
+            and generator.dtype == expected.dtype
+            and generator.shape == expected.shape
+        ):
+            raise ValueError(
+                f"{where}: generator must be a {expected.dtype} tensor of shape "
+                f"{tuple(expected.shape)} (torch.Generator.get_state())"
+            )
+        history = state.get("history")
+        if not isinstance(history, list) or not all(isinstance(r, Mapping) for r in history):
+            raise ValueError(f"{where}: history must be a list of update records (dicts)")
 
     def _save_into_optimizer_state(self, optimizer, state: dict[str, Any]) -> None:
         state[OPTIMIZER_STATE_KEY] = self.state_dict()
 
-    def _load_from_optimizer_state(self, optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    def _check_optimizer_state(self, optimizer, state: dict[str, Any]) -> dict[str, Any]:
+        # Runs before torch loads the optimizer: raising here leaves it untouched.
         state = dict(state)
         ours = state.pop(OPTIMIZER_STATE_KEY, None)
         if ours is not None:
-            self.load_state_dict(ours)
+            self._check_state(ours)
+        self._pending_state = ours
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step_count = int(state["step_count"])
-        self.generator.set_state(state["generator"])
-        self.history = [dict(r) for r in state["history"]]
-        self._arm_dense_grad()
+    def _load_from_optimizer_state(self, optimizer) -> None:
+        # Runs once torch has accepted the optimizer state: a refused optimizer state
+        # leaves the scheduler untouched too.
+        ours, self._pending_state = self._pending_state, None
+        if ours is not None:
+            self.load_state_dict(ours)
 
     def __repr__(self) -> str:
         return (
@@ -391,6 +727,10 @@ def redistribute(total: int, weights: Sequence[float], capacity: Sequence[int]) 
     return apportion(total, list(weights), [0] * len(weights), list(capacity))
 
 
-def _check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+def _plain(value: Any) -> Any:
+    """JSON form of what a record may hold besides plain values (tensors, numpy scalars)."""
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"update record value {value!r} is not JSON serializable")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from ..allocation import apportion
-from ..scheduler import SparseScheduler, redistribute
+from ..scheduler import SparseScheduler, check_int, check_real, redistribute
 from ..schedules import doubling_interval
 
 
@@ -32,7 +33,7 @@ class DSR(SparseScheduler):
         doublings: how often the interval doubles.
     """
 
-    drop_schedule = "constant"
+    defaults = {**SparseScheduler.defaults, "drop_schedule": "constant"}
 
     def __init__(
         self,
@@ -44,18 +45,19 @@ class DSR(SparseScheduler):
         doublings: int = 3,
         **kwargs: Any,
     ):
-        if threshold <= 0:
-            raise ValueError(f"threshold must be positive, got {threshold}")
-        self.threshold = float(threshold)
-        self.doublings = doublings
-        self.target_pruned = target_pruned
+        owner = type(self).__name__
+        self.threshold = check_real(
+            owner, "threshold", threshold, 0, math.inf, open_low=True, open_high=True
+        )
+        self.doublings = check_int(owner, "doublings", doublings, 0)
+        self.target_pruned = (
+            None if target_pruned is None else check_int(owner, "target_pruned", target_pruned, 1)
+        )
         super().__init__(model, optimizer, **kwargs)
 
     def setup(self) -> None:
         if self.target_pruned is None:
-            self.target_pruned = round(0.1 * sum(layer.active for layer in self.layers))
-        if self.target_pruned <= 0:
-            raise ValueError(f"target_pruned must be positive, got {self.target_pruned}")
+            self.target_pruned = max(round(0.1 * sum(layer.active for layer in self.layers)), 1)
 
     def interval(self, step: int) -> int:
         return doubling_interval(step, self.update_interval, self.stop_step, self.doublings)
@@ -90,6 +92,15 @@ class DSR(SparseScheduler):
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "threshold": self.threshold}
 
+    def _check_state(self, state: Any) -> None:
+        super()._check_state(state)
+        value = state.get("threshold")
+        if isinstance(value, bool) or not isinstance(value, float) or not 0 < value < math.inf:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: threshold must be a positive finite "
+                f"float, got {value!r}"
+            )
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+        super().load_state_dict(state)  # checks the whole state, threshold included
         self.threshold = float(state["threshold"])

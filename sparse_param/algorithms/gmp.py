@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..allocation import allocate
 from ..layers import SparseLayer
-from ..scheduler import SparseScheduler
+from ..scheduler import SparseScheduler, check_real
 from ..schedules import cubic_decay
 
 
@@ -30,29 +30,55 @@ class GMP(SparseScheduler):
             ``"uniform"``, or a mapping of layer name to density).
     """
 
-    drop_fraction = 0.0
-    drop_schedule = "constant"
+    defaults = {**SparseScheduler.defaults, "drop_fraction": 0.0, "drop_schedule": "constant"}
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         *,
-        density: float,
+        density: float | None = None,
         distribution: str | Mapping[str, float] = "erk",
         **kwargs: Any,
     ):
-        self.density = density
+        owner = type(self).__name__
+        if density is None:
+            raise TypeError(
+                f"{owner} needs density=, the final density over the sparse layers (the "
+                f"model is pruned to it from its current density)"
+            )
+        self.density = check_real(owner, "density", density, 0, 1, open_low=True)
         self.distribution = distribution
         super().__init__(model, optimizer, **kwargs)
 
     def setup(self) -> None:
-        shapes = {layer.name: tuple(layer.mask.shape) for layer in self.layers}
-        final = allocate(shapes, self.density, self.distribution)
-        if any(final[layer.name] > layer.active for layer in self.layers):
+        owner = type(self).__name__
+        current = sum(layer.active for layer in self.layers) / sum(
+            layer.numel for layer in self.layers
+        )
+        if not self.density < current:
             raise ValueError(
-                f"{type(self).__name__}: the model is sparser than the target density "
-                f"{self.density}; sparsify it at a higher density (1.0 for a dense start)"
+                f"{owner}: the final density {self.density} is not below the model's current "
+                f"density {current:.4f}, so there is nothing to prune; sparsify the model at a "
+                f"higher density (1.0 for a dense start) or pass a lower density"
+            )
+        shapes = {layer.name: tuple(layer.mask.shape) for layer in self.layers}
+        try:
+            final = allocate(shapes, self.density, self.distribution)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{owner}: {error}") from error
+        over = [
+            f"{layer.name}: {final[layer.name]} > {layer.active}"
+            for layer in self.layers
+            if final[layer.name] > layer.active
+        ]
+        if over:
+            raise ValueError(
+                f"{owner}: the {self.distribution!r} allocation of density {self.density} "
+                f"gives {len(over)} layers more weights than they have active now "
+                f"({', '.join(over[:3])}{' …' if len(over) > 3 else ''}): the model was "
+                f"sparsified with another distribution. Pass {owner} the distribution the "
+                f"model was sparsified with, or sparsify it at a higher density"
             )
         self.initial_counts = [layer.active for layer in self.layers]
         self.final_counts = [final[layer.name] for layer in self.layers]
@@ -76,8 +102,24 @@ class GMP(SparseScheduler):
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "initial_counts": list(self.initial_counts)}
 
+    def _check_state(self, state: Any) -> None:
+        super()._check_state(state)
+        saved = state.get("initial_counts")
+        if not (
+            isinstance(saved, list)
+            and len(saved) == len(self.layers)
+            and all(
+                isinstance(n, int) and not isinstance(n, bool) and f <= n <= layer.numel
+                for n, f, layer in zip(saved, self.final_counts, self.layers)
+            )
+        ):
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: initial_counts must be a list of "
+                f"{len(self.layers)} ints, each between the layer's final count and its size"
+            )
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+        super().load_state_dict(state)  # checks the whole state, initial_counts included
         self.initial_counts = list(state["initial_counts"])
 
 
@@ -92,8 +134,7 @@ class GraNet(GMP):
     """
 
     needs_dense_grad = True
-    drop_fraction = 0.5
-    drop_schedule = "cosine"
+    defaults = {**GMP.defaults, "drop_fraction": 0.5, "drop_schedule": "cosine"}
 
     def prune_counts(self, fraction: float) -> list[int]:
         targets = self.target_counts(self.step_count)

@@ -14,4 +14,4 @@ class SET(SparseScheduler):
     on every DDP rank). Per-layer counts never change; grown weights start at zero.
     """
 
-    drop_schedule = "constant"
+    defaults = {**SparseScheduler.defaults, "drop_schedule": "constant"}

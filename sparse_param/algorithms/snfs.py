@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..layers import SparseLayer
-from ..scheduler import SparseScheduler, redistribute
+from ..scheduler import SparseScheduler, check_real, redistribute
 
 
 class SNFS(SparseScheduler):
@@ -34,7 +34,7 @@ class SNFS(SparseScheduler):
         momentum: β of the dense-gradient momentum (0.9, the paper's SGD momentum).
     """
 
-    drop_fraction = 0.5
+    defaults = {**SparseScheduler.defaults, "drop_fraction": 0.5}
 
     def __init__(
         self,
@@ -44,10 +44,10 @@ class SNFS(SparseScheduler):
         momentum: float = 0.9,
         **kwargs: Any,
     ):
-        if not 0 <= momentum < 1:  # before attaching to the optimizer
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = check_real(type(self).__name__, "momentum", momentum, 0, 1, open_high=True)
         super().__init__(model, optimizer, **kwargs)
-        self.momentum = momentum
+
+    def setup(self) -> None:
         self.buffers = [
             torch.zeros_like(layer.weight, dtype=torch.float32) for layer in self.layers
         ]
@@ -80,7 +80,23 @@ class SNFS(SparseScheduler):
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "buffers": [b.clone() for b in self.buffers]}
 
+    def _check_state(self, state: Any) -> None:
+        super()._check_state(state)
+        saved = state.get("buffers")
+        if not (
+            isinstance(saved, list)
+            and len(saved) == len(self.buffers)
+            and all(
+                isinstance(s, Tensor) and s.is_floating_point() and s.shape == b.shape
+                for s, b in zip(saved, self.buffers)
+            )
+        ):
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: buffers must be a list of "
+                f"{len(self.buffers)} float tensors shaped like the layers' weights"
+            )
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+        super().load_state_dict(state)  # checks the whole state, buffers included
         for buffer, saved in zip(self.buffers, state["buffers"]):
             buffer.copy_(saved)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -13,11 +15,22 @@ class Static(SparseScheduler):
     """Fixed mask. Attach it anyway: it counts steps and keeps stored inactive weights
     at zero after every optimizer step, whatever the optimizer.
 
-    R_s stays at the density: no connection is ever explored.
+    Takes the common arguments of every method (``total_steps`` is optional here, as
+    nothing depends on it); the topology is never updated. R_s stays at the density:
+    no connection is ever explored.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, attach: bool = True):
-        super().__init__(model, optimizer, total_steps=1, stop=0.0, attach=attach)
+    updates_topology = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        total_steps: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, optimizer, total_steps=total_steps, **kwargs)
 
     def is_update_step(self, step: int) -> bool:
         return False
