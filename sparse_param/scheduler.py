@@ -716,9 +716,13 @@ class SparseScheduler:
             f"{type(self).__name__}(layers={len(self.layers)}, step={self.step_count}/"
             f"{self.total_steps}, update_interval={self.update_interval}, "
             f"drop_fraction={self.drop_fraction} ({self.drop_schedule}), stop={self.stop}, "
-            f"density={density(self.model):.4f}, itop_rate={itop_rate(self.model):.4f}, "
-            f"attached={self._hook is not None})"
+            f"{self._model_summary()}, attached={self._hook is not None})"
         )
+
+    def _model_summary(self) -> str:
+        if next(sparse_layers(self.model), None) is None:  # after sp.finalize(model)
+            return "finalized"
+        return f"density={density(self.model):.4f}, itop_rate={itop_rate(self.model):.4f}"
 
 
 def redistribute(total: int, weights: Sequence[float], capacity: Sequence[int]) -> list[int]:

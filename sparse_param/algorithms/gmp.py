@@ -53,20 +53,19 @@ class GMP(SparseScheduler):
 
     def setup(self) -> None:
         owner = type(self).__name__
-        current = sum(layer.active for layer in self.layers) / sum(
-            layer.numel for layer in self.layers
-        )
-        if not self.density < current:
-            raise ValueError(
-                f"{owner}: the final density {self.density} is not below the model's current "
-                f"density {current:.4f}, so there is nothing to prune; sparsify the model at a "
-                f"higher density (1.0 for a dense start) or pass a lower density"
-            )
         shapes = {layer.name: tuple(layer.mask.shape) for layer in self.layers}
         try:
             final = allocate(shapes, self.density, self.distribution)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{owner}: {error}") from error
+        active = sum(layer.active for layer in self.layers)
+        if sum(final.values()) >= active:
+            current = active / sum(layer.numel for layer in self.layers)
+            raise ValueError(
+                f"{owner}: the final density {self.density} is not below the model's current "
+                f"density {current:.4f}, so there is nothing to prune; sparsify the model at a "
+                f"higher density (1.0 for a dense start) or pass a lower density"
+            )
         over = [
             f"{layer.name}: {final[layer.name]} > {layer.active}"
             for layer in self.layers

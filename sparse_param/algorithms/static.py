@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..metrics import density
 from ..scheduler import SparseScheduler
 
 
@@ -38,5 +37,5 @@ class Static(SparseScheduler):
     def __repr__(self) -> str:
         return (
             f"Static(layers={len(self.layers)}, step={self.step_count}, "
-            f"density={density(self.model):.4f}, attached={self._hook is not None})"
+            f"{self._model_summary()}, attached={self._hook is not None})"
         )
