@@ -49,9 +49,10 @@ def attached_scheduler(obj: torch.optim.Optimizer | nn.Module) -> SparseSchedule
 
     Call its :meth:`~SparseScheduler.remove` to detach it.
     """
-    keys = [obj] if isinstance(obj, torch.optim.Optimizer) else [
-        layer.parametrization for layer in sparse_layers(obj)
-    ]  # fmt: skip
+    if isinstance(obj, torch.optim.Optimizer):
+        keys: list[object] = [obj]
+    else:
+        keys = [layer.parametrization for layer in sparse_layers(obj)]
     for key in keys:
         ref = _ATTACHED.get(key)
         if ref is not None and ref() is not None:
@@ -75,8 +76,9 @@ def check_real(
     owner: str, name: str, value: Any, low: float, high: float, *, open_low: bool = False,
     open_high: bool = False,
 ) -> float:  # fmt: skip
-    """``value`` as a Python float (numpy scalars accepted) in ``[low, high]`` (``(`` /
-    ``)`` where open), finite unless ``high`` is inf; NaN is always refused."""
+    """``value`` as a Python float (numpy scalars accepted) in ``[low, high]``, each end
+    excluded where ``open_low`` / ``open_high``; NaN never passes. Errors name ``owner``
+    (the class the user called) and ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}: {name} must be a number, got {value!r} ({type(value).__name__})")
     value = float(value)
