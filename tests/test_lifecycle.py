@@ -594,6 +594,10 @@ def test_every_method_takes_the_common_arguments_as_numpy_scalars_too(algorithm)
     train(model, optimizer, 12)
     assert scheduler.step_count == 12
     clone(scheduler.state_dict())  # still loadable with weights_only
+    if algorithm == "static":  # a drop_fraction does not make Static drop anything
+        masks = helpers.masks(model)
+        scheduler.update()
+        assert all(torch.equal(m, masks[n]) for n, m in helpers.masks(model).items())
 
 
 CLASS_ERRORS = {

@@ -25,7 +25,8 @@ class GMP(SparseScheduler):
     ``stop``. Nothing regrows.
 
     Args:
-        density: final density over the sparse layers.
+        density: final density over the sparse layers (required; below the model's
+            current density).
         distribution: allocation of the final counts (``"erk"``, ``"er"``,
             ``"uniform"``, or a mapping of layer name to density).
     """

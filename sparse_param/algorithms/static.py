@@ -34,6 +34,11 @@ class Static(SparseScheduler):
     def is_update_step(self, step: int) -> bool:
         return False
 
+    def prune_counts(self, fraction: float) -> list[int]:
+        # An explicit update() drops nothing by Static's rule, whatever drop_fraction
+        # says (only non-finite weights, which every algorithm drops).
+        return [0] * len(self.layers)
+
     def __repr__(self) -> str:
         return (
             f"Static(layers={len(self.layers)}, step={self.step_count}, "
