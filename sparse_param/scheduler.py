@@ -135,7 +135,8 @@ class SparseScheduler:
             ones), so checkpoints stay bounded; ``history`` in memory keeps every record
             of this process.
         log_path: a file to which every update record is appended as one JSON line
-            (the complete per-layer history of the run, across resumes).
+            (the complete per-layer history of the run, across resumes; under DDP
+            rank 0 writes it).
 
     The six schedule attributes (``total_steps``, ``update_interval``, ``drop_fraction``,
     ``drop_schedule``, ``stop``, ``start``) may be assigned at any time, e.g.
@@ -473,7 +474,10 @@ class SparseScheduler:
         record = self._record(fraction, pruned, grown)
         self.history.append(record)
         self.num_updates += 1
-        if self.log_path is not None:
+        # Every rank holds the same record; one line per update, from rank 0.
+        if self.log_path is not None and (
+            distributed.world_size() == 1 or torch.distributed.get_rank() == 0
+        ):
             with open(self.log_path, "a", encoding="utf-8") as log:
                 log.write(json.dumps(record, default=_plain) + "\n")
         return record
