@@ -575,6 +575,26 @@ def test_a_schedule_with_few_updates_warns_once_with_the_numbers(kw, expected):
             train(model, optimizer, 2)
 
 
+@settings(max_examples=60)
+@given(
+    algorithm=st.sampled_from(DYNAMIC),
+    total_steps=st.integers(1, 300),
+    update_interval=st.integers(1, 40),
+    start=st.floats(0, 0.5),
+    stop=st.floats(0.5, 1),
+)
+def test_count_updates_counts_the_update_steps_of_the_run(
+    algorithm, total_steps, update_interval, start, stop
+):
+    _, _, scheduler = build(
+        algorithm, total_steps=total_steps, update_interval=update_interval, start=start,
+        stop=stop,
+    )  # fmt: skip
+    steps = [s for s in range(1, total_steps + 1) if scheduler.is_update_step(s)]
+    assert scheduler.count_updates() == len(steps)
+    assert scheduler.count_updates(limit=3) == min(len(steps), 3)
+
+
 # ----------------------------------------------------------------- §4 one constructor
 
 
