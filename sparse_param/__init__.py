@@ -3,6 +3,7 @@
 from . import models, plots  # models: registers the papers' architectures with timm
 from .algorithms import ALGORITHMS, DSR, GMP, SET, SNFS, GraNet, RigL, Static
 from .allocation import allocate, apportion
+from .capacity import SameCapacity, capacity, same_capacity_dense
 from .export import (
     dense_state_dict,
     finalize,
@@ -10,15 +11,27 @@ from .export import (
     load_state_dict,
     save_safetensors,
 )
+from .flops import dense_training_flops, training_flops, weight_uses
 from .inference import SparseLinear, to_sparse
 from .layers import SparseLayer, sparse_layers
 from .mask import SparseMask
-from .metrics import density, effective_density, itop_rate, layer_table, summary
+from .metrics import (
+    GradientFlow,
+    density,
+    effective_density,
+    effective_gradient_flow,
+    gradient_flow,
+    itop_rate,
+    layer_table,
+    summary,
+)
 from .scheduler import SparseScheduler, attached_scheduler
 from .sparsify import rescale_to_active_fan_in, sparsify
 
 __all__ = [
     "ALGORITHMS",
+    "GradientFlow",
+    "SameCapacity",
     "DSR",
     "GMP",
     "GraNet",
@@ -33,10 +46,14 @@ __all__ = [
     "allocate",
     "apportion",
     "attached_scheduler",
+    "capacity",
+    "dense_training_flops",
     "dense_state_dict",
     "density",
     "effective_density",
+    "effective_gradient_flow",
     "finalize",
+    "gradient_flow",
     "is_sparse_state_dict",
     "itop_rate",
     "layer_table",
@@ -44,9 +61,12 @@ __all__ = [
     "plots",
     "load_state_dict",
     "rescale_to_active_fan_in",
+    "same_capacity_dense",
     "save_safetensors",
     "sparse_layers",
     "sparsify",
     "summary",
     "to_sparse",
+    "training_flops",
+    "weight_uses",
 ]

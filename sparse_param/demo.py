@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .algorithms import ALGORITHMS
+from .flops import dense_training_flops, training_flops
 from .metrics import density, itop_rate
 from .sparsify import sparsify
 
@@ -110,7 +111,6 @@ def train_one(
             **({} if method == "dsr" else {"drop_fraction": config.drop_fraction}),
         )
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
-    costs = _FlopCounter(model, scheduler)
     generator = torch.Generator().manual_seed(seed)
     curve: list[tuple[int, float, float]] = []
     for epoch in range(config.epochs):
@@ -118,7 +118,6 @@ def train_one(
         model.train()
         for i in range(steps_per_epoch):
             batch = order[i * config.batch_size : (i + 1) * config.batch_size]
-            costs.count_step()
             optimizer.zero_grad()
             F.cross_entropy(model(x_train[batch]), y_train[batch]).backward()
             optimizer.step()
@@ -134,41 +133,10 @@ def train_one(
         accuracy=curve[-1][1],
         itop_rate=curve[-1][2],
         density=density(model) if method != "dense" else 1.0,
-        flops=costs.relative(),
+        flops=training_flops(model, scheduler, steps=total_steps)
+        / dense_training_flops(model, total_steps),
         curve=curve,
     )
-
-
-class _FlopCounter:
-    """Training FLOPs relative to dense, counted per step from the active weights.
-
-    A step costs forward + input gradient + weight gradient, each proportional to the
-    active weights (LeNet is all Linear: one multiply-add per weight per sample). The
-    steps that capture the dense gradient (before a RigL/GraNet update; every SNFS
-    step) pay a dense weight gradient.
-    """
-
-    def __init__(self, model: nn.Module, scheduler) -> None:
-        self.model, self.scheduler = model, scheduler
-        self.dense = sum(p.numel() for p in model.parameters() if p.dim() > 1)
-        self.spent = 0.0
-        self.steps = 0
-        self._active: tuple[int, int] | None = None  # (updates seen, active count)
-
-    def count_step(self) -> None:
-        self.steps += 1
-        if self.scheduler is None:
-            self.spent += 3 * self.dense
-            return
-        updates = len(self.scheduler.history)
-        if self._active is None or self._active[0] != updates:  # counts move only at updates
-            self._active = (updates, sum(layer.active for layer in self.scheduler.layers))
-        active = self._active[1]
-        dense_grad = self.scheduler.wants_dense_grad(self.scheduler.step_count + 1)
-        self.spent += 2 * active + (self.dense if dense_grad else active)
-
-    def relative(self) -> float:
-        return self.spent / (3 * self.dense * self.steps)
 
 
 @torch.no_grad()
@@ -231,9 +199,7 @@ def write_plots(results: Sequence[RunResult], config: DemoConfig, out_dir: Path)
     for r in results:
         curves.setdefault(r.method, []).append(r.curve)
     shapes = {f"fc{i + 1}": tuple(m.weight.shape) for i, m in enumerate(lenet_300_100()[::2])}
-    allocation = {
-        name: allocate(shapes, config.density, name) for name in ("erk", "er", "uniform")
-    }
+    allocation = {name: allocate(shapes, config.density, name) for name in ("erk", "er", "uniform")}
     sizes = {name: math.prod(shape) for name, shape in shapes.items()}
     return [
         plot_curves(curves, out_dir / "demo_curves.png"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .layers import SparseLayer, sparse_layers
+from .layers import DEFAULT_LAYER_TYPES, SparseLayer, sparse_layers, unwrap
 
 
 def _require_layers(model: nn.Module) -> list[SparseLayer]:
@@ -171,3 +173,153 @@ def effective_density(model: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str
         # Exact share (a float32 mean can round above the mask's own density).
         result[layer.name] = max(int(torch.count_nonzero(w)) / w.numel() for w in weights)
     return result
+
+
+# ------------------------------------------------------------------ gradient flow
+
+
+@dataclass(frozen=True)
+class GradientFlow:
+    """Gradient flow of one backward pass (Tessera, Hooker & Rosman, 2021).
+
+    Attributes:
+        p: the norm's order.
+        layers: one row per weight layer, in module order: ``name``, ``shape``,
+            ``active`` (count of active weights n_l), ``norm_active`` (‖g_l‖_p over the
+            active weights only), ``norm_all`` (‖g_l‖_p over every position of the
+            stored weight's gradient), ``egf`` (the layer's EGF term ‖g_l‖_p / n_l).
+            Gradients are in loss units per weight unit; norms are over flattened tensors.
+        active: Σ n_l over the layers.
+        norm_active: p-norm of all layers' active-weight gradients together.
+        grad_norm: the plain gradient flow ‖g‖_p over every parameter with a gradient
+            (biases and norms included), the measure EGF is compared against.
+        egf: effective gradient flow, the mean of the layers' EGF terms.
+    """
+
+    p: float
+    layers: list[dict[str, Any]]
+    active: int
+    norm_active: float
+    grad_norm: float
+    egf: float
+
+
+def _weight_layers(model: nn.Module) -> list[tuple[str, Tensor, Tensor | None]]:
+    """(name, stored weight, mask or None for all active) of every sparse layer, or of
+    every Linear/Conv weight when the model has no sparse layer (a dense network)."""
+    layers = [(layer.name, layer.weight, layer.mask) for layer in sparse_layers(model)]
+    if layers:
+        return layers
+    return [
+        (name, module.weight, None)
+        for name, module in unwrap(model).named_modules()
+        if isinstance(module, DEFAULT_LAYER_TYPES)
+        and isinstance(module.weight, Tensor)
+        and module.weight.dim() > 1
+    ]
+
+
+def _norm(values: Tensor, p: float) -> float:
+    return float(torch.linalg.vector_norm(values.detach().double(), ord=p))
+
+
+@torch.no_grad()
+def gradient_flow(model: nn.Module, p: float = 2) -> GradientFlow:
+    """Per-layer gradient flow of the gradients now in ``.grad``, and the paper's EGF.
+
+    Call after ``loss.backward()`` and before ``optimizer.zero_grad()`` (an optimizer
+    step does not clear ``.grad``, so right after ``optimizer.step()`` works too). The
+    layers are the sparse layers; a model without any (a dense baseline) counts every
+    Linear/Conv weight as a layer with all weights active, so sparse and dense networks
+    are measured alike. DDP and ``torch.compile`` wrappers are looked through.
+
+    EGF (Tessera, Hooker & Rosman, "Keep the Gradients Flowing", 2021, Sec. 3, Eq. 2):
+
+        EGF_p = (1 / L) · Σ_{l=1..L} ‖g_l‖_p / n_l
+
+    where g_l is the gradient of layer l at its active weights only, n_l their count
+    and L the number of layers: each layer's norm is normalised by its active count and
+    the layers are averaged evenly, so wide layers do not dominate and inactive
+    positions (whatever their ``.grad`` holds) contribute nothing.
+
+    Args:
+        model: a model whose weight layers have ``.grad`` populated.
+        p: order of the norm, > 0 (1 and 2 in the paper; ``math.inf`` works).
+
+    Returns:
+        a :class:`GradientFlow` with the per-layer table and the totals.
+
+    Raises:
+        ValueError: ``p`` is not positive, the model has no weight layers, or a layer has
+            no gradient (``.grad`` is None).
+    """
+    if not p > 0:
+        raise ValueError(f"gradient_flow: p must be > 0, got {p}")
+    layers = _weight_layers(model)
+    if not layers:
+        raise ValueError(
+            f"gradient_flow: {type(model).__name__} has no Linear/Conv weight to measure"
+        )
+    missing = [name for name, weight, _ in layers if weight.grad is None]
+    if missing:
+        raise ValueError(
+            f"gradient_flow: layers {missing} have no gradient (.grad is None): call "
+            f"loss.backward() first, and measure before optimizer.zero_grad()"
+        )
+    rows = []
+    active_grads = []
+    for name, weight, mask in layers:
+        grad = weight.grad
+        active = grad.flatten() if mask is None else grad[mask]
+        active_grads.append(active)
+        norm_active = _norm(active, p)
+        rows.append(
+            {
+                "name": name,
+                "shape": tuple(grad.shape),
+                "active": active.numel(),
+                "norm_active": norm_active,
+                "norm_all": _norm(grad, p),
+                "egf": norm_active / active.numel(),
+            }
+        )
+    grads = [q.grad.flatten() for q in unwrap(model).parameters() if q.grad is not None]
+    return GradientFlow(
+        p=p,
+        layers=rows,
+        active=sum(r["active"] for r in rows),
+        norm_active=_norm(torch.cat(active_grads), p),
+        grad_norm=_norm(torch.cat(grads), p),
+        egf=sum(r["egf"] for r in rows) / len(rows),
+    )
+
+
+def effective_gradient_flow(model: nn.Module, p: float = 2) -> float:
+    """The paper's EGF of the gradients now in ``.grad``, as one float.
+
+    EGF_p = (1 / L) · Σ_l ‖g_l‖_p / n_l (Tessera, Hooker & Rosman 2021, Sec. 3, Eq. 2):
+    the p-norm of each layer's gradient at its active weights, divided by its active
+    count, averaged evenly over the L layers. See :func:`gradient_flow` for the layers
+    counted, when to call it, and the errors.
+    """
+    return gradient_flow(model, p).egf
+
+
+@torch.no_grad()
+def egf_at_update(
+    layers: Sequence[SparseLayer], pruned: Sequence[int], grown: Sequence[int], p: float = 2
+) -> float | None:
+    """EGF (Eq. 2 of Tessera et al., see :func:`gradient_flow`) of the gradients in
+    ``.grad`` right after a topology update that pruned / grew these counts per layer.
+
+    Those gradients were computed under the masks before the update, which zeroed them
+    everywhere else, so ‖g_l‖_p over the whole tensor is the norm over the old active
+    weights and n_l = active now − grown + pruned. O(weights); None when a layer has no
+    gradient (an update called by hand after ``zero_grad(set_to_none=True)``).
+    """
+    terms = []
+    for layer, n_pruned, n_grown in zip(layers, pruned, grown):
+        if layer.weight.grad is None:
+            return None
+        terms.append(_norm(layer.weight.grad, p) / (layer.active - n_grown + n_pruned))
+    return sum(terms) / len(terms)

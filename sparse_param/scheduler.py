@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import distributed
 from .allocation import apportion
 from .layers import SparseLayer, sparse_layers
-from .metrics import density, itop_rate
+from .metrics import density, egf_at_update, itop_rate
 from .sampling import random_subset
 from .schedules import DROP_SCHEDULES
 from .schedules import drop_fraction as drop_fraction_at
@@ -596,6 +596,7 @@ class SparseScheduler:
             "grown": {layer.name: n for layer, n in zip(self.layers, grown)},
             "density": density(self.model),
             "itop_rate": itop_rate(self.model),
+            "egf": egf_at_update(self.layers, pruned, grown),
         }
 
     # ------------------------------------------------------------ lifecycle & state
