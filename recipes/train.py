@@ -17,7 +17,8 @@ Order of setup (as timm's train.py): create_model → sparsify → optimizer →
 ModelEmaV3 → torch.compile → DistributedDataParallel.
 
 Outputs in ``--output/--experiment``: ``args.yaml``, ``summary.csv`` (timm's columns
-epoch, train_*, eval_*, lr, plus ``density`` and ``itop_rate`` = R_s), checkpoints
+epoch, train_*, eval_*, lr, plus ``density``, ``itop_rate`` = R_s, ``egf`` = effective
+gradient flow of the epoch's last batch and ``train_flops`` = training FLOPs so far), checkpoints
 (``last.pth.tar``, ``checkpoint-N.pth.tar``, ``model_best.pth.tar``, with the sparse
 scheduler state under ``"sparse_scheduler"``), ``sparse_history.json`` (every topology
 update), ``training_curves.png`` and ``layer_density.png``, TensorBoard logs with
@@ -665,6 +666,51 @@ def sparse_stats(model: nn.Module) -> dict[str, float]:
     return {"density": sparse_param.density(model), "itop_rate": sparse_param.itop_rate(model)}
 
 
+class TrainLog:
+    """The columns of summary.csv (and ``sparse/*`` TensorBoard scalars) after timm's:
+    ``density``, ``itop_rate`` (R_s), ``egf`` (Tessera et al.'s effective gradient flow
+    of the last batch before the log point; NaN before the first one) and
+    ``train_flops`` (training FLOPs so far, ``sparse_param.training_flops``: rebuilt
+    from the sparse scheduler's history, so exact after a resume).
+
+    EGF is measured only at log points, right after ``optimizer.step()`` (``.grad`` still
+    holds the batch's gradients, unscaled by then under AMP): nothing runs in between.
+    """
+
+    def __init__(self, sparse_scheduler, uses: dict[str, int], batch_size: int) -> None:
+        self.sparse_scheduler, self.uses, self.batch_size = sparse_scheduler, uses, batch_size
+        self.egf = float("nan")
+        self._warned = False
+
+    def measure(self, model: nn.Module) -> float:
+        """EGF of the gradients of the step just taken (NaN, warned once, if a layer
+        has no gradient, e.g. one the forward never used)."""
+        try:
+            self.egf = sparse_param.effective_gradient_flow(model)
+        except ValueError as error:
+            if not self._warned:
+                _logger.warning(f"EGF not logged: {error}")
+                self._warned = True
+            self.egf = float("nan")
+        return self.egf
+
+    def stats(self, model: nn.Module, num_updates: int) -> dict[str, float]:
+        scheduler = self.sparse_scheduler
+        steps = scheduler.step_count if scheduler is not None else num_updates
+        flops = sparse_param.training_flops(
+            model, scheduler, steps=steps, batch_size=self.batch_size, uses=self.uses
+        )
+        return {**sparse_stats(model), "egf": self.egf, "train_flops": flops}
+
+
+def setup_train_log(args, model, sparse_scheduler, data_config, device) -> TrainLog:
+    """A :class:`TrainLog`; the weight uses per sample (conv output positions) come from
+    one eval-mode forward of a zero input of the data config's size."""
+    example = torch.zeros(1, *data_config["input_size"], device=device)
+    uses = sparse_param.weight_uses(model, example)
+    return TrainLog(sparse_scheduler, uses, args.batch_size * args.world_size)
+
+
 def _to_plain(value: Any) -> Any:
     """Checkpoint/JSON-friendly copy: tensors to lists, tuples to lists."""
     if isinstance(value, torch.Tensor):
@@ -787,6 +833,7 @@ def train_one_epoch(
     sparse_scheduler,
     num_updates,
     tb_writer,
+    train_log,
 ):
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if args.prefetcher and getattr(loader, "mixup_enabled", False):
@@ -845,11 +892,17 @@ def train_one_epoch(
                         f"density {record['density']:.4f}, R_s {record['itop_rate']:.4f}"
                     )
                 if tb_writer is not None:
-                    for key in ("drop_fraction", "density", "itop_rate"):
-                        tb_writer.add_scalar(f"sparse_update/{key}", record[key], record["step"])
+                    for key in ("drop_fraction", "density", "itop_rate", "egf"):
+                        if record.get(key) is not None:
+                            tb_writer.add_scalar(
+                                f"sparse_update/{key}", record[key], record["step"]
+                            )
             seen_updates = len(sparse_scheduler.history)
 
-        if is_primary(args) and (batch_idx % args.log_interval == 0 or batch_idx == last_idx):
+        log_point = batch_idx % args.log_interval == 0 or batch_idx == last_idx
+        if log_point:
+            train_log.measure(model)
+        if is_primary(args) and log_point:
             lr = optimizer.param_groups[0]["lr"]
             stats = sparse_stats(model)
             _logger.info(
@@ -857,11 +910,13 @@ def train_one_epoch(
                 f"({100.0 * (batch_idx + 1) / (last_idx + 1):>3.0f}%)]  "
                 f"Loss: {losses.val:#.4g} ({losses.avg:#.4g})  "
                 f"Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s)  LR: {lr:.3e}  "
-                f"Density: {stats['density']:.4f}  R_s: {stats['itop_rate']:.4f}"
+                f"Density: {stats['density']:.4f}  R_s: {stats['itop_rate']:.4f}  "
+                f"EGF: {train_log.egf:.3e}"
             )
             if tb_writer is not None:
                 tb_writer.add_scalar("train/loss", losses.val, num_updates)
                 tb_writer.add_scalar("train/lr", lr, num_updates)
+                tb_writer.add_scalar("train/egf", train_log.egf, num_updates)
     loss_avg = losses.avg
     if args.distributed:
         loss_avg = float(all_reduce_mean(torch.tensor(loss_avg, device=device), args.world_size))
@@ -992,6 +1047,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sparse_scheduler = build_sparse_scheduler(args, model, optimizer, total_steps)
     if sparse_scheduler is not None:
         _logger.info(f"Sparse scheduler: {sparse_scheduler!r}")
+    train_log = setup_train_log(args, model, sparse_scheduler, data_config, device)
 
     # -- mixed precision
     amp_autocast = nullcontext
@@ -1141,6 +1197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sparse_scheduler=sparse_scheduler,
             num_updates=num_updates,
             tb_writer=tb_writer,
+            train_log=train_log,
         )
         if args.distributed and args.dist_bn in ("broadcast", "reduce"):
             distribute_bn(model, args.world_size, args.dist_bn == "reduce")
@@ -1157,7 +1214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 log_suffix=" (EMA)",
             )
             eval_metrics.update((f"ema_{k}", v) for k, v in ema_metrics.items())
-        stats = sparse_stats(model)
+        stats = train_log.stats(model, num_updates)
         lr = optimizer.param_groups[0]["lr"]
         if output_dir is not None:
             append_summary(

@@ -52,8 +52,12 @@ def weight_uses(model: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str, int]
     """Run ``model(*inputs, **kwargs)`` once and return, per Linear/Conv layer, how many
     times each of its weights is used per sample: the output's positions per sample
     and channel (1 for a Linear on vectors, H_out·W_out for a Conv2d), summed over
-    calls when a layer runs more than once. Layers that did not run are left out."""
+    calls when a layer runs more than once. Layers that did not run are left out.
+
+    The forward runs in eval mode (norm statistics and dropout untouched), and the
+    train/eval flags are restored after."""
     modules = _weight_modules(model)
+    modes = {module: module.training for module in unwrap(model).modules()}
     uses: dict[str, int] = {}
 
     def record(name: str, module: nn.Module, output: torch.Tensor) -> None:
@@ -65,10 +69,12 @@ def weight_uses(model: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str, int]
         for name, module in modules.items()
     ]
     try:
-        unwrap(model)(*inputs, **kwargs)
+        unwrap(model).eval()(*inputs, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
+        for module, training in modes.items():
+            module.training = training
     return uses
 
 
