@@ -112,10 +112,11 @@ def same_capacity_dense(
         else:
             lo = mid + 1
     candidates = [w for w in (lo - 1, lo) if w >= 1]
-    if len(candidates) == 2 and size(lo) < size(lo - 1):
-        raise ValueError(
-            f"same_capacity_dense: the factory's {count} decrease from width {lo - 1} to "
-            f"{lo}; the solver needs a capacity that grows with the width"
-        )
+    for w in {2, lo}:  # a cheap check of monotony where it matters: the start, the answer
+        if 1 < w <= max_width and size(w) < size(w - 1):
+            raise ValueError(
+                f"same_capacity_dense: the factory's {count} decrease from width {w - 1} to "
+                f"{w}; the solver needs a capacity that grows with the width"
+            )
     width = min(candidates, key=lambda w: (abs(size(w) - target), w))
     return SameCapacity(factory(width), width, target, size(width), size(width) == target)
