@@ -87,7 +87,7 @@ def run(out: Path, size: GradflowSize, seeds: tuple[int, ...] | None = None) -> 
 
                 torch.manual_seed(seed)
                 model = factory(size.wide)
-                sparsify(model, size.density, seed=seed)
+                sparsify(model, size.density, seed=seed, sparse_init=True)
                 method = "static"
                 if net == "dense":
                     torch.manual_seed(seed)
@@ -119,7 +119,8 @@ def _report(results: dict, widths: dict, size: GradflowSize, data) -> str:
         "# Gradient flow in miniature: EGF of sparse and dense MLPs",
         "",
         f"Sparse: MLP {data.features}-{size.wide}×{size.depth}-10, Static random ERK mask at "
-        f"density {size.density}. Dense: the same MLP at the same capacity (width "
+        f"density {size.density}, init rescaled to each unit's active fan-in "
+        f"(`sparse_init=True`). Dense: the same MLP at the same capacity (width "
         f"{widths.get(False, '?')}, {widths.get(True, '?')} with BatchNorm). MNIST-5k "
         f"({len(data.x_train)} train / {len(data.x_test)} test), {size.epochs} epochs of batch "
         f"64, cosine lr (SGD momentum 0.9 lr 0.05; Adam lr 1e-3). EGF = mean over layers of "

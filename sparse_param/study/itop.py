@@ -74,7 +74,7 @@ def run(out: Path, size: ItopSize, seeds: tuple[int, ...] | None = None) -> Path
                 torch.manual_seed(seed)
                 model = mlp(data.features, size.hidden)
                 if method != "dense":
-                    sparsify(model, size.density, seed=seed)
+                    sparsify(model, size.density, seed=seed, sparse_init=True)
                 config = replace(
                     base, method=method, update_interval=max(interval, 1), drop_fraction=drop
                 )
@@ -98,7 +98,8 @@ def _report(results: dict, size: ItopSize, data) -> str:
         "",
         f"MLP {data.features}-{'-'.join(map(str, size.hidden))}-10 on MNIST-5k "
         f"({len(data.x_train)} train / {len(data.x_test)} test, {data.features} features), "
-        f"ERK density {size.density}, {size.epochs} epochs of batch 64, SGD momentum 0.9 "
+        f"ERK density {size.density} with each unit's init rescaled to its active fan-in "
+        f"(`sparse_init=True`), {size.epochs} epochs of batch 64, SGD momentum 0.9 "
         f"lr 0.05 cosine, topology updates until 75% of training, seeds {list(size.seeds)}. "
         "Accuracy and R_s: mean ± std over seeds.",
         "",

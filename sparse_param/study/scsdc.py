@@ -58,7 +58,7 @@ def run(out: Path, size: ScsdcSize, seeds: tuple[int, ...] | None = None) -> Pat
                     bar.set_postfix_str(f"density {d} {name} seed {seed}")
                     torch.manual_seed(seed)
                     sparse = factory(size.wide)
-                    sparsify(sparse, d, seed=seed)
+                    sparsify(sparse, d, seed=seed, sparse_init=True)
                     if name == "dense narrow":
                         torch.manual_seed(seed)
                         match = same_capacity_dense(factory, sparse)
@@ -82,7 +82,9 @@ def _report(results: dict, matches: dict, size: ScsdcSize, data) -> str:
         f"on MNIST-5k ({len(data.x_train)} train / {len(data.x_test)} test), {size.epochs} "
         f"epochs of batch 64, SGD momentum 0.9 lr 0.05 cosine; RigL ΔT=50, drop 0.3. "
         f"Capacity = active Linear weights (biases not counted); the dense width is "
-        f"`same_capacity_dense`'s nearest. Seeds {list(size.seeds)}; mean ± std.",
+        f"`same_capacity_dense`'s nearest. Init: PyTorch's default for every model, the "
+        f"sparse ones rescaled to each unit's active fan-in (`sparse_init=True`, the "
+        f"variance-preserving form of the same scheme). Seeds {list(size.seeds)}; mean ± std.",
         "",
         "| sparse density | active weights | dense width (weights) | dense narrow (%) | "
         "static wide (%) | RigL wide (%) |",
