@@ -337,7 +337,9 @@ def test_history_records_what_each_update_did(algorithm):
         if len(scheduler.history) == n:
             continue
         record = scheduler.history[-1]
-        assert set(record) == {"step", "drop_fraction", "pruned", "grown", "density", "itop_rate"}
+        keys = {"step", "drop_fraction", "pruned", "grown", "density", "itop_rate", "egf"}
+        assert set(record) == keys
+        assert record["egf"] > 0  # the gradients the update saw (tests/test_gradflow.py)
         assert record["step"] == scheduler.step_count == i + 1
         assert record["drop_fraction"] == pytest.approx(scheduler.current_drop_fraction())
         pruned, grown = helpers.mask_changes(old, helpers.masks(model))
