@@ -671,7 +671,8 @@ class TrainLog:
     ``density``, ``itop_rate`` (R_s), ``egf`` (Tessera et al.'s effective gradient flow
     of the last batch before the log point; NaN before the first one) and
     ``train_flops`` (training FLOPs so far, ``sparse_param.training_flops``: rebuilt
-    from the sparse scheduler's history, so exact after a resume).
+    from the sparse scheduler's history since the resumed step, plus the FLOPs before
+    it, which checkpoints keep under ``"train_log"``).
 
     EGF is measured only at log points, right after ``optimizer.step()`` (``.grad`` still
     holds the batch's gradients, unscaled by then under AMP): nothing runs in between.
@@ -681,6 +682,8 @@ class TrainLog:
         self.sparse_scheduler, self.uses, self.batch_size = sparse_scheduler, uses, batch_size
         self.egf = float("nan")
         self._warned = False
+        self.steps, self.flops = 0, 0.0  # at the last stats(): what checkpoints keep
+        self._start = (0, 0.0)  # steps and FLOPs counted before this process
 
     def measure(self, model: nn.Module) -> float:
         """EGF of the gradients of the step just taken (NaN, warned once, if a layer
@@ -696,11 +699,29 @@ class TrainLog:
 
     def stats(self, model: nn.Module, num_updates: int) -> dict[str, float]:
         scheduler = self.sparse_scheduler
-        steps = scheduler.step_count if scheduler is not None else num_updates
-        flops = sparse_param.training_flops(
-            model, scheduler, steps=steps, batch_size=self.batch_size, uses=self.uses
+        self.steps = scheduler.step_count if scheduler is not None else num_updates
+        start_step, start_flops = self._start
+        self.flops = start_flops + sparse_param.training_flops(
+            model,
+            scheduler,
+            steps=self.steps,
+            start=start_step,
+            batch_size=self.batch_size,
+            uses=self.uses,
         )
-        return {**sparse_stats(model), "egf": self.egf, "train_flops": flops}
+        return {**sparse_stats(model), "egf": self.egf, "train_flops": self.flops}
+
+    def state_dict(self) -> dict[str, float]:
+        return {"step": self.steps, "flops": self.flops}
+
+    def load_state_dict(self, state: dict[str, float] | None, resumed_step: int) -> None:
+        """Continue a checkpoint's count; without one (an older checkpoint) the FLOPs
+        before ``resumed_step`` are unknown and ``train_flops`` is NaN."""
+        if state is None:
+            _logger.warning("--resume: the checkpoint has no 'train_log': train_flops is NaN")
+            state = {"step": resumed_step, "flops": float("nan")}
+        self._start = (int(state["step"]), float(state["flops"]))
+        self.steps, self.flops = self._start
 
 
 def setup_train_log(args, model, sparse_scheduler, data_config, device) -> TrainLog:
@@ -740,10 +761,11 @@ class SparseCheckpointSaver(CheckpointSaver):
     checkpoint contents are built here.
     """
 
-    def __init__(self, *args, sparse_scheduler=None, lr_scheduler=None, **kwargs):
+    def __init__(self, *args, sparse_scheduler=None, lr_scheduler=None, train_log=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.sparse_scheduler = sparse_scheduler
         self.lr_scheduler = lr_scheduler
+        self.train_log = train_log
 
     def checkpoint_state(self, epoch: int, metric: float | None = None) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -763,6 +785,8 @@ class SparseCheckpointSaver(CheckpointSaver):
             state[SPARSE_CHECKPOINT_KEY] = self.sparse_scheduler.state_dict()
         if self.lr_scheduler is not None:
             state[LR_SCHEDULER_CHECKPOINT_KEY] = self.lr_scheduler.state_dict()
+        if self.train_log is not None:
+            state["train_log"] = self.train_log.state_dict()
         if metric is not None:
             state["metric"] = metric
         if hasattr(super(), "state_dict"):  # timm >= 1.0.2x: history for resumes
@@ -1082,6 +1106,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
             sparse_scheduler.load_state_dict(checkpoint[SPARSE_CHECKPOINT_KEY])
         start_epoch = checkpoint["epoch"] + (1 if checkpoint.get("version", 1) > 1 else 0)
+        resumed_step = (
+            start_epoch * updates_per_epoch
+            if sparse_scheduler is None
+            else sparse_scheduler.step_count
+        )
+        train_log.load_state_dict(checkpoint.get("train_log"), resumed_step)
         _logger.info(
             f"Resumed from {args.resume} (epoch {checkpoint['epoch']})"
             + (f", sparse step {sparse_scheduler.step_count}" if sparse_scheduler else "")
@@ -1154,6 +1184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             max_history=args.checkpoint_hist,
             sparse_scheduler=sparse_scheduler,
             lr_scheduler=lr_scheduler,
+            train_log=train_log,
         )
         if args.resume and hasattr(saver, "load_state_dict_from_checkpoint"):
             resumed_dir = Path(args.resume).resolve().parent

@@ -106,37 +106,57 @@ def training_flops(
     scheduler: Any = None,
     *,
     steps: int | None = None,
+    start: int = 0,
     batch_size: int = 1,
     uses: dict[str, int] | None = None,
 ) -> float:
-    """FLOPs of the first ``steps`` training steps, from the active counts of each step.
+    """FLOPs of training steps ``start + 1 … steps``, from the active counts of each step.
 
     The counts are rebuilt from the scheduler's update history (each record's pruned and
     grown counts per layer, undone backwards from the masks now), so the result needs no
-    state of its own and is exact after a resume. Step s computes with the masks left
-    by the updates before it, and pays a dense weight gradient where
-    ``scheduler.wants_dense_grad(s)``.
+    state of its own. Step s computes with the masks left by the updates before it, and
+    pays a dense weight gradient where ``scheduler.wants_dense_grad(s)``. Exact when
+    ``scheduler.history`` holds every update after ``start``: always in the process that
+    ran them; after a resume ``history`` holds only the checkpoint's last records, so
+    count from the resumed step (``start``) and add the earlier FLOPs kept with the
+    checkpoint, as ``recipes/train.py`` does.
 
     Args:
         model: the trained model (wrappers are looked through).
         scheduler: its :class:`~sparse_param.SparseScheduler`, or None for a model
             whose masks never changed (dense, or sparse without updates).
-        steps: steps to count (default: ``scheduler.step_count``); required without a
-            scheduler.
+        steps: last step to count (default: ``scheduler.step_count``); required without
+            a scheduler.
+        start: steps already counted elsewhere (0: count from the first step).
         batch_size: samples per step (all ranks together).
         uses: weight uses per sample from :func:`weight_uses` (default 1 per weight).
 
     Returns:
         FLOPs (multiplies and adds) as a float.
+
+    Raises:
+        ValueError: bad ``steps`` / ``start`` / ``batch_size``, or ``start`` = 0 while
+            the history has lost early records (``scheduler.num_updates`` exceeds it).
     """
     if steps is None:
         if scheduler is None:
             raise ValueError("training_flops: give steps when there is no scheduler")
         steps = scheduler.step_count
-    if steps < 0 or batch_size < 1:
-        raise ValueError(f"training_flops: steps ≥ 0 and batch_size ≥ 1, got {steps}, {batch_size}")
+    if not 0 <= start <= steps or batch_size < 1:
+        raise ValueError(
+            f"training_flops: need 0 ≤ start ≤ steps and batch_size ≥ 1, got start={start}, "
+            f"steps={steps}, batch_size={batch_size}"
+        )
     layers = flop_layers(model, uses)
     history = list(scheduler.history) if scheduler is not None else []
+    total_updates = getattr(scheduler, "num_updates", len(history))
+    if start == 0 and total_updates > len(history):
+        raise ValueError(
+            f"training_flops: scheduler.history holds {len(history)} of the run's "
+            f"{total_updates} updates (a resumed run keeps only the checkpoint's last "
+            f"records): count from the resumed step with start=... and add the FLOPs of "
+            f"the steps before it"
+        )
     index = {layer.name: i for i, layer in enumerate(layers)}
     # counts[k]: active counts in force after the k-th update (counts[0]: before any).
     counts = [[layer.active for layer in layers]]
@@ -161,7 +181,7 @@ def training_flops(
     bounds = [0, *(min(u, steps) for u in update_steps), steps]
     flops = 0.0
     for k, active in enumerate(counts):
-        span = range(bounds[k] + 1, bounds[k + 1] + 1)
+        span = range(max(bounds[k], start) + 1, max(bounds[k + 1], start) + 1)
         dense = sum(1 for s in span if wants_dense and wants_dense(s))
         flops += dense * cost(active, True) + (len(span) - dense) * cost(active, False)
     return flops * batch_size

@@ -113,3 +113,53 @@ def test_history_rebuilt_count_equals_a_per_step_count(method, interval, steps, 
         F.cross_entropy(model(torch.randn(4, 6)), torch.randint(0, 3, (4,))).backward()
         optimizer.step()
     assert sp.training_flops(model, scheduler) == counter.flops
+
+
+def test_resumed_count_continues_from_the_checkpoint_with_start():
+    """DSR moves counts between layers; a checkpoint keeps one history record, so the
+    resumed process counts from the resumed step and adds the FLOPs kept before it."""
+
+    def build(seed: int = 0):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+        sp.sparsify(model, 0.4, seed=0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        scheduler = sp.DSR(
+            model, optimizer, total_steps=24, update_interval=2, threshold=0.05, history_size=1
+        )
+        return model, optimizer, scheduler
+
+    def run(model, optimizer, scheduler, counter, steps, first):
+        for i in range(first, first + steps):
+            counter.before_step()
+            optimizer.zero_grad()
+            g = torch.Generator().manual_seed(i)
+            x, y = torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    model, optimizer, scheduler = build()
+    counter = _PerStepCounter(model, scheduler)
+    run(model, optimizer, scheduler, counter, 10, 0)
+    saved = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "flops": sp.training_flops(model, scheduler),
+    }
+    assert saved["flops"] == counter.flops
+    run(model, optimizer, scheduler, counter, 10, 10)
+
+    resumed, resumed_opt, resumed_sched = build(seed=1)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["optimizer"])
+    resumed_sched.load_state_dict(saved["scheduler"])
+    assert resumed_sched.num_updates > len(resumed_sched.history)  # early records are gone
+    run(resumed, resumed_opt, resumed_sched, _PerStepCounter(resumed, resumed_sched), 10, 10)
+    counts = [layer.active for layer in sp.sparse_layers(model)]
+    assert [layer.active for layer in sp.sparse_layers(resumed)] == counts
+    assert counts != [24, 12]  # DSR moved weights between layers
+    later = sp.training_flops(resumed, resumed_sched, start=10)
+    assert saved["flops"] + later == counter.flops
+    with pytest.raises(ValueError, match=r"holds \d+ of the run's \d+ updates"):
+        sp.training_flops(resumed, resumed_sched)

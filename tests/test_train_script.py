@@ -159,6 +159,8 @@ def test_train_then_resume_is_exact(mnist_folder, tmp_path):
     rates = [float(r["itop_rate"]) for r in rows]
     assert densities == pytest.approx([0.1, 0.1], abs=1e-4)
     assert rates[0] > densities[0] and rates[1] >= rates[0]  # RigL explored
+    flops = [float(r["train_flops"]) for r in rows]
+    assert 0 < flops[0] < flops[1]
     for name in (
         "checkpoint-0.pth.tar",
         "checkpoint-1.pth.tar",
@@ -190,6 +192,7 @@ def test_train_then_resume_is_exact(mnist_folder, tmp_path):
     assert f"sparse step {steps}" in proc.stdout + proc.stderr
     rows = _summary(run_dir / "summary.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1]  # epoch-1 row replaced, not duplicated
+    assert [float(r["train_flops"]) for r in rows] == flops  # continued from the checkpoint
     assert float(rows[1]["density"]) == pytest.approx(0.1, abs=1e-4)
 
     last = _load(run_dir / "last.pth.tar")
