@@ -233,7 +233,7 @@ def gradient_flow(model: nn.Module, p: float = 2) -> GradientFlow:
     Linear/Conv weight as a layer with all weights active, so sparse and dense networks
     are measured alike. DDP and ``torch.compile`` wrappers are looked through.
 
-    EGF (Tessera, Hooker & Rosman, "Keep the Gradients Flowing", 2021, Sec. 3, Eq. 2):
+    EGF (Tessera, Hooker & Rosman, "Keep the Gradients Flowing", 2021, Sec. 3):
 
         EGF_p = (1 / L) · Σ_{l=1..L} ‖g_l‖_p / n_l
 
@@ -297,7 +297,7 @@ def gradient_flow(model: nn.Module, p: float = 2) -> GradientFlow:
 def effective_gradient_flow(model: nn.Module, p: float = 2) -> float:
     """The paper's EGF of the gradients now in ``.grad``, as one float.
 
-    EGF_p = (1 / L) · Σ_l ‖g_l‖_p / n_l (Tessera, Hooker & Rosman 2021, Sec. 3, Eq. 2):
+    EGF_p = (1 / L) · Σ_l ‖g_l‖_p / n_l (Tessera, Hooker & Rosman 2021, Sec. 3):
     the p-norm of each layer's gradient at its active weights, divided by its active
     count, averaged evenly over the L layers. See :func:`gradient_flow` for the layers
     counted, when to call it, and the errors.
@@ -309,7 +309,7 @@ def effective_gradient_flow(model: nn.Module, p: float = 2) -> float:
 def egf_at_update(
     layers: Sequence[SparseLayer], pruned: Sequence[int], grown: Sequence[int], p: float = 2
 ) -> float | None:
-    """EGF (Eq. 2 of Tessera et al., see :func:`gradient_flow`) of the gradients in
+    """EGF (Tessera et al. 2021, see :func:`gradient_flow`) of the gradients in
     ``.grad`` right after a topology update that pruned / grew these counts per layer.
 
     Those gradients were computed under the masks before the update, which zeroed them

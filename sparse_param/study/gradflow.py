@@ -124,7 +124,7 @@ def _report(results: dict, widths: dict, size: GradflowSize, data) -> str:
         f"{widths.get(False, '?')}, {widths.get(True, '?')} with BatchNorm). MNIST-5k "
         f"({len(data.x_train)} train / {len(data.x_test)} test), {size.epochs} epochs of batch "
         f"64, cosine lr (SGD momentum 0.9 lr 0.05; Adam lr 1e-3). EGF = mean over layers of "
-        f"‖g_l‖₂ / n_l at the active weights (Tessera et al. Eq. 2), measured every "
+        f"‖g_l‖₂ / n_l at the active weights (Tessera et al. 2021, Sec. 3), measured every "
         f"{size.egf_every} steps and averaged over training; ‖g‖₂ = plain gradient norm over "
         f"all parameters. Seeds {list(size.seeds)}; mean ± std.",
         "",
