@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -78,36 +79,149 @@ def is_sparse(module: nn.Module) -> bool:
 
 def find_targets(
     model: nn.Module,
-    layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str | type[nn.Module]] = (),
+    layer_types: type[nn.Module] | Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+    include: str | Sequence[str] | None = None,
+    exclude: str | type[nn.Module] | Sequence[str | type[nn.Module]] = (),
     dense_first: bool = False,
     dense_last: bool = False,
 ) -> dict[str, nn.Module]:
     """Name to module of every layer whose weight ``sparsify`` would mask, in model order.
 
     A target is an instance of one of ``layer_types`` (subclasses included) with a
-    ``weight`` parameter of two or more dims, whose name matches a pattern of
-    ``include`` (``fnmatch`` style; all names when None), and that is neither matched
-    by a name pattern nor an instance of a type in ``exclude``. ``dense_first`` /
-    ``dense_last`` then drop the first / last target in module order.
+    ``weight`` parameter of two or more dims, that a pattern of ``include`` selects
+    (all layers when None), and that neither a pattern nor a type of ``exclude``
+    selects. ``dense_first`` / ``dense_last`` then drop the first / last target in
+    module order.
+
+    A name pattern (``fnmatch`` style, e.g. ``"head"``, ``"blocks.*.mlp.fc?"``) selects
+    the modules whose name it matches and every layer inside them, so ``"head"`` covers
+    ``"head.fc"``. A single pattern or type may be given as it is, without a list.
+
+    Raises:
+        TypeError: an argument of the wrong type (``include=[1]``, ``layer_types="Linear"``).
+        ValueError: a name pattern that matches no module of ``model`` (a typo would
+            otherwise silently select nothing); a target whose weight is shared with
+            another module or parameter (tied weights: masking it would zero weights the
+            other module computes with); a target whose ``weight`` is computed from other
+            tensors (``weight_norm``, ``spectral_norm``, any parametrization), or is
+            uninitialized (lazy modules). Each message names the layer and the
+            ``exclude=`` fix.
     """
-    patterns = [e for e in exclude if isinstance(e, str)]
-    types = tuple(e for e in exclude if isinstance(e, type))
+    layer_types = _as_tuple("layer_types", layer_types, (type,))
+    if not all(issubclass(t, nn.Module) for t in layer_types):
+        raise TypeError(f"layer_types must be nn.Module subclasses, got {list(layer_types)}")
+    includes = None if include is None else _as_tuple("include", include, (str,))
+    excludes = _as_tuple("exclude", exclude, (str, type))
+    patterns = [e for e in excludes if isinstance(e, str)]
+    types = tuple(e for e in excludes if isinstance(e, type))
+    names = [name for name, _ in model.named_modules()]
+    for argument, pattern in [("include", p) for p in includes or ()] + [
+        ("exclude", p) for p in patterns
+    ]:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            close = difflib.get_close_matches(pattern, names, n=3)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(f"{argument} pattern {pattern!r} matches no module of the model{hint}")
+
     targets: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
+        if not isinstance(module, layer_types) or isinstance(module, types):
+            continue
+        if includes is not None and not _selects(includes, name):
+            continue
+        if _selects(patterns, name):
+            continue
         weight = getattr(module, "weight", None)
-        if not isinstance(module, tuple(layer_types)) or isinstance(module, types):
-            continue
-        if not isinstance(weight, nn.Parameter) or weight.dim() < 2:
-            continue
-        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            continue
+        if weight is None or (isinstance(weight, nn.Parameter) and weight.dim() < 2):
+            continue  # no weight matrix (a custom layer's per-channel scale, say)
         targets[name] = module
-    names = list(targets)
+    order = list(targets)
     for keep_dense, index in ((dense_first, 0), (dense_last, -1)):
-        if keep_dense and names:
-            targets.pop(names[index], None)
+        if keep_dense and order:
+            targets.pop(order[index], None)
+    for name, module in targets.items():
+        _check_plain_weight(name, module)
+    _check_untied(model, targets)
     return targets
+
+
+def _as_tuple(argument: str, value: object, kinds: tuple[type, ...]) -> tuple:
+    """``value`` as a tuple of items of ``kinds``; a single item is a tuple of one.
+
+    A string is one pattern, never iterated character by character.
+    """
+    if isinstance(value, kinds):
+        return (value,)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{argument} must be {_kinds(kinds)} or a list of them, got {value!r}")
+    items = tuple(value)
+    wrong = [item for item in items if not isinstance(item, kinds)]
+    if wrong:
+        raise TypeError(f"{argument} must hold only {_kinds(kinds)}, got {wrong!r}")
+    return items
+
+
+def _kinds(kinds: tuple[type, ...]) -> str:
+    words = {str: "name patterns (str)", type: "module types"}
+    return " or ".join(words[kind] for kind in kinds)
+
+
+def _selects(patterns: Sequence[str], name: str) -> bool:
+    """Whether a pattern matches ``name`` or the name of a module containing it."""
+    parts = name.split(".")
+    scopes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if name else [""]
+    return any(fnmatch.fnmatchcase(scope, p) for p in patterns for scope in scopes)
+
+
+def _check_plain_weight(name: str, module: nn.Module) -> None:
+    """Refuse a target whose ``weight`` is not a plain stored parameter.
+
+    The mask lives on the stored parameter: the optimizer, the scheduler's prune and
+    grow, and the zeroing of optimizer state all act on it. A weight computed from other
+    tensors (weight_norm's g and v, spectral_norm's normalized copy) has no single
+    stored tensor to keep zero off the mask, so it is refused rather than left dense.
+    """
+    weight = getattr(module, "weight", None)
+    kind = type(module).__name__
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise ValueError(
+            f"sparsify: layer {name!r} ({kind}) has an uninitialized (lazy) weight: run one "
+            f"forward pass to initialize it before sparsify"
+        )
+    if parametrize.is_parametrized(module, "weight"):
+        how = [type(p).__name__ for p in module.parametrizations.weight]
+        fix = "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')"
+    elif not isinstance(weight, nn.Parameter):
+        # Old-style weight_norm / spectral_norm: a forward pre-hook recomputes the
+        # ``weight`` attribute from weight_g and weight_v (weight_orig) every call.
+        how = [type(h).__name__ for h in module._forward_pre_hooks.values()] or [
+            "something other than a parameter (a buffer or plain attribute)"
+        ]
+        fix = "torch.nn.utils.remove_weight_norm / remove_spectral_norm"
+    else:
+        return
+    raise ValueError(
+        f"sparsify: layer {name!r} ({kind}) computes its weight with {how}, so a mask on "
+        f"a stored weight cannot keep what it computes with sparse; leave it dense with "
+        f"exclude=[{name!r}], or remove that first ({fix})"
+    )
+
+
+def _check_untied(model: nn.Module, targets: dict[str, nn.Module]) -> None:
+    """Refuse a target whose weight is also a parameter of another module (tied weights:
+    an LM head sharing the token embedding), or another name of its own module."""
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((module_name, module, param_name))
+    for name, module in targets.items():
+        for other_name, other, param_name in owners[id(module.weight)]:
+            if other is module and param_name == "weight":
+                continue  # the layer itself (possibly registered under two names)
+            raise ValueError(
+                f"sparsify: layer {name!r} ({type(module).__name__}) shares its weight with "
+                f"module {other_name!r} ({type(other).__name__}, parameter {param_name!r}): "
+                f"tied weights. Masking it would zero weights {other_name!r} computes with "
+                f"too: leave it dense with exclude=[{name!r}], or untie the weights"
+            )

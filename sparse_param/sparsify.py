@@ -21,9 +21,9 @@ def sparsify(
     density: float = 0.02,
     *,
     distribution: str | Mapping[str, float] = "erk",
-    layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str | type[nn.Module]] = (),
+    layer_types: type[nn.Module] | Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+    include: str | Sequence[str] | None = None,
+    exclude: str | type[nn.Module] | Sequence[str | type[nn.Module]] = (),
     dense_first: bool = False,
     dense_last: bool = False,
     seed: int | torch.Generator = 0,
@@ -42,8 +42,10 @@ def sparsify(
         distribution: ``"erk"`` (Erdős–Rényi-Kernel), ``"er"``, ``"uniform"``, or a
             mapping of layer name to density (other layers get ``density``).
         layer_types: module types whose ``weight`` is a target (subclasses included).
-        include: ``fnmatch`` patterns of layer names to target (default: all).
-        exclude: name patterns or module types to leave dense.
+        include: ``fnmatch`` pattern(s) of module names to target (default: all); a
+            pattern selects the modules it matches and every layer inside them.
+        exclude: name pattern(s) or module type(s) to leave dense. A single string is
+            one pattern. See :func:`~sparse_param.layers.find_targets`.
         dense_first, dense_last: leave the first / last target layer dense.
         seed: an int or a ``torch.Generator`` (CPU) for the masks; the same seed gives
             the same masks on every run, platform and DDP rank.
@@ -57,7 +59,9 @@ def sparsify(
 
     Raises:
         ValueError / TypeError: bad arguments, a model that is already sparse or has no
-            target layers; the model is left exactly as it was.
+            target layers, a pattern that matches no module, a target whose weight is
+            tied to another module's or computed by a parametrization (``weight_norm``,
+            ``spectral_norm``); the model is left exactly as it was.
     """
     if next(sparse_layers(model), None) is not None:
         raise ValueError(
@@ -68,14 +72,8 @@ def sparsify(
     if not targets:
         raise ValueError(
             f"sparsify: no target layers in {type(model).__name__}: no module of types "
-            f"{[t.__name__ for t in layer_types]} with a weight matched include={include} "
-            f"and exclude={list(exclude)}"
-        )
-    shared = _shared_weights(targets)
-    if shared:
-        raise ValueError(
-            f"sparsify: layers {shared} share one weight tensor; masking them separately "
-            f"would untie it: exclude all but one of them"
+            f"{_type_names(layer_types)} with a weight matched include={include!r} "
+            f"and exclude={exclude!r}"
         )
     shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
     if isinstance(distribution, Mapping):
@@ -141,14 +139,9 @@ def _generator(seed: int | torch.Generator) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _shared_weights(targets: Mapping[str, nn.Module]) -> list[str]:
-    seen: dict[int, str] = {}
-    shared: list[str] = []
-    for name, module in targets.items():
-        first = seen.setdefault(id(module.weight), name)
-        if first != name:
-            shared += [first, name]
-    return shared
+def _type_names(layer_types: type[nn.Module] | Sequence[type[nn.Module]]) -> list[str]:
+    types = [layer_types] if isinstance(layer_types, type) else layer_types
+    return [t.__name__ for t in types]
 
 
 def _check_mapping_counts(

@@ -539,7 +539,7 @@ def test_no_target_layers(snapshot, assert_untouched):
         sparsify(model, 0.5)
     assert_untouched(model, snap)
     with pytest.raises(ValueError, match="no target layers"):
-        sparsify(small_model(), 0.5, include=["nothing*"])
+        sparsify(small_model(), 0.5, include=["3"])  # only the LayerNorm
 
 
 def test_already_sparse(snapshot, assert_untouched):
@@ -554,7 +554,7 @@ def test_shared_weights_are_refused(snapshot, assert_untouched):
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = model[0].weight
     snap = snapshot(model)
-    with pytest.raises(ValueError, match="share one weight"):
+    with pytest.raises(ValueError, match="layer '0' .* shares its weight with module '1'"):
         sparsify(model, 0.5)
     assert_untouched(model, snap)
 
