@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .checkpoint import check_state_dict
 from .layers import sparse_layers
 from .scheduler import attached_scheduler
 from .standardized import is_standardized
@@ -94,11 +95,19 @@ def dense_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True):
-    """``model.load_state_dict`` that explains how to load a sparse checkpoint.
+    """``model.load_state_dict`` that explains how to load a sparse checkpoint, and
+    loads all of it or nothing.
 
     A sparsified model loads a sparsified checkpoint as usual (masks and ever-active
     restored exactly). A plain model given a sparse checkpoint raises a ``ValueError``
-    naming the two fixes instead of torch's list of unexpected keys.
+    naming the two fixes instead of torch's list of unexpected keys. The whole state
+    dict is checked (:func:`sparse_param.checkpoint.check_state_dict`) before any tensor
+    is copied, also when only a submodule of ``model`` was sparsified.
+
+    Raises:
+        ValueError: a sparse checkpoint for a dense model.
+        RuntimeError: the checkpoint does not fit the model (keys, shapes, dtypes, or a
+            sparse layer's mask / ever_active); ``model`` is left as it was.
     """
     if is_sparse_state_dict(state_dict) and next(sparse_layers(model), None) is None:
         raise ValueError(
@@ -107,6 +116,8 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: 
             "arguments used in training before loading, or load "
             "sparse_param.dense_state_dict(checkpoint) to get the plain weights"
         )
+    if next(sparse_layers(model), None) is not None:
+        check_state_dict(model, state_dict, strict)
     return model.load_state_dict(state_dict, strict=strict)
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import checkpoint
 from .allocation import allocate
 from .layers import DEFAULT_LAYER_TYPES, find_targets, sparse_layers
 from .mask import SparseMask, zero_inactive_after_load
@@ -52,6 +53,9 @@ def sparsify(
         sparse_init: rescale each output unit's weights by
             ``sqrt(fan_in / active_fan_in)`` so its init variance matches a dense layer's
             (Evci et al., gradient flow in sparse networks).
+
+    Loading a state dict into ``model`` (or any copy of it) is then checked before
+    anything is copied: see :mod:`sparse_param.checkpoint`.
 
     Returns:
         ``model``, with the density of the weights its layers compute with equal to the
@@ -103,6 +107,7 @@ def sparsify(
             with torch.no_grad():
                 module.weight.set_(dense)
         raise
+    checkpoint.install(model)
     if sparse_init:
         rescale_to_active_fan_in(model)
     return model

@@ -1,0 +1,278 @@
+"""Checking a state dict against a sparse model before anything is copied.
+
+``torch.nn.Module.load_state_dict`` copies every tensor it can and raises about the rest
+afterwards, so a checkpoint of another architecture half-loads, and it casts whatever it
+is given into a buffer, so a float or wrongly shaped mask, an all-False mask or an
+``ever_active`` that misses active weights load silently. ``sparsify`` registers
+:func:`check_before_load` as a load pre-hook on the module it sparsified and on every
+sparse layer: the root's hook runs before any tensor of its subtree is copied and sees
+the whole of it, so a load is all-or-nothing whichever call made it
+(``model.load_state_dict``, :func:`sparse_param.load_state_dict`, a DDP or
+``torch.compile`` wrapper, a deep copy such as an EMA model).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .mask import SparseMask
+
+_ORIGINAL = "parametrizations.weight.original"
+_MASK = "parametrizations.weight.0.mask"
+_EVER = "parametrizations.weight.0.ever_active"
+_LOAD_STATE_DICT = nn.Module.load_state_dict.__code__
+_MAX_LISTED = 20  # problems listed in one error message
+
+
+class _Expected:
+    """What ``root``'s loading would copy into: key to tensor (None for extra state),
+    the keys whose module loads in its own way, and the sparse layers by key prefix."""
+
+    def __init__(self, root: nn.Module, prefix: str) -> None:
+        self.tensors: dict[str, Tensor | None] = {}
+        self.modules: dict[str, nn.Module] = {}  # key prefix ("a.b." or prefix) to module
+        self.sparse: dict[str, SparseMask] = {}
+        for name, module in root.named_modules(remove_duplicate=False):
+            at = prefix + name + "." if name else prefix
+            self.modules[at] = module
+            # The same locals nn.Module._load_from_state_dict copies into.
+            for key, value in module._parameters.items():
+                if value is not None:
+                    self.tensors[at + key] = value
+            for key, value in module._buffers.items():
+                if value is not None and key not in module._non_persistent_buffers_set:
+                    self.tensors[at + key] = value
+            if type(module).set_extra_state is not nn.Module.set_extra_state:
+                self.tensors[at + "_extra_state"] = None
+            if _has_sparse_weight(module):
+                self.sparse[at] = module.parametrizations.weight[0]
+
+    def owner(self, key: str) -> nn.Module | None:
+        """The module a key belongs to: the deepest module whose prefix it starts with."""
+        parts = key.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            module = self.modules.get(".".join(parts[:i]) + "." if i else "")
+            if module is not None:
+                return module
+        return None
+
+
+def _custom_loading(module: nn.Module) -> bool:
+    """Whether ``module`` loads its own entries differently from ``nn.Module`` (BatchNorm
+    fills in a missing ``num_batches_tracked``; timm's FrozenBatchNormAct2d drops it), so
+    only torch can tell which of its keys are missing or unexpected."""
+    hooks = [getattr(h, "hook", h) for h in module._load_state_dict_pre_hooks.values()]
+    own = type(module)._load_from_state_dict is not nn.Module._load_from_state_dict
+    return own or any(hook is not check_before_load for hook in hooks)
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating-point"
+    return "integer"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _check_tensor(key: str, value: Any, target: Tensor) -> str | None:
+    """What is wrong with loading ``value`` into ``target`` (None if nothing), following
+    torch's own rules: a tensor, the same shape (a 1-element 1-D tensor loads into a 0-D
+    one; lazy parameters take any shape), and a dtype torch would cast without losing its
+    meaning (same kind: bool, integer, floating-point, complex)."""
+    if not torch.overrides.is_tensor_like(value):
+        return f"{key}: expected a tensor, got {_describe(value)}"
+    if not nn.parameter.is_lazy(target):
+        shape = value.shape
+        if target.dim() == 0 and shape == (1,):
+            shape = torch.Size()
+        if shape != target.shape:
+            checkpoint, model = tuple(value.shape), tuple(target.shape)
+            return f"{key}: shape {checkpoint} in the checkpoint, {model} in the model"
+    if _kind(value.dtype) != _kind(target.dtype):
+        return f"{key}: {value.dtype} in the checkpoint, {target.dtype} in the model"
+    return None
+
+
+def _check_sparse_layer(at: str, state_dict: Mapping[str, Any], shape: torch.Size) -> list[str]:
+    """What is wrong with one sparse layer's entries (all of which are present)."""
+    name = at[:-1] or "(the sparsified module itself)"
+    mask, ever = state_dict[at + _MASK], state_dict[at + _EVER]
+    problems = []
+    for what, value in (("mask", mask), ("ever_active", ever)):
+        if not isinstance(value, Tensor) or value.dtype != torch.bool:
+            problems.append(f"layer {name!r}: {what} must be a bool tensor, got {_describe(value)}")
+        elif value.shape != shape:
+            problems.append(
+                f"layer {name!r}: {what} has shape {tuple(value.shape)}, the weight {tuple(shape)}"
+            )
+    if problems:
+        return problems
+    if not bool(mask.any()):
+        problems.append(f"layer {name!r}: the mask is all False (every layer keeps >= 1 weight)")
+    missed = int((mask & ~ever.to(mask.device)).count_nonzero())
+    if missed:
+        problems.append(
+            f"layer {name!r}: ever_active misses {missed} active weights of the mask "
+            f"(ever_active must contain the mask)"
+        )
+    return problems
+
+
+def check_state_dict(
+    model: nn.Module, state_dict: Mapping[str, Any], strict: bool | None = True, prefix: str = ""
+) -> dict[SparseMask, int]:
+    """Check everything ``model.load_state_dict(state_dict, strict)`` would copy, before
+    anything is: raise listing every problem, or return what to record.
+
+    Checked, for the keys under ``prefix``: with ``strict``, that the key sets agree
+    (except the keys of modules that load in their own way, such as BatchNorm, which
+    torch checks as before); that each entry is a tensor of the model's shape and dtype
+    kind; and for every sparse layer, that its stored weight, ``mask`` and
+    ``ever_active`` come together (or not at all), that both buffers are bool and shaped
+    like the weight, that the mask keeps at least one weight, and that ``ever_active``
+    contains the mask. Values off the mask are allowed (loading zeroes them).
+
+    Args:
+        model: the module about to load (a wrapper or a bigger model is fine).
+        state_dict: the checkpoint's state dict (keys as ``model.state_dict()`` gives).
+        strict: as in ``load_state_dict``; None skips the key-set comparison.
+        prefix: the key prefix of ``model`` in ``state_dict``.
+
+    Returns:
+        The active count of each loaded mask, by its :class:`SparseMask` (what its
+        ``allocated`` becomes after the load).
+
+    Raises:
+        RuntimeError: one line per problem, naming the key or layer and what is wrong.
+    """
+    expected = _Expected(model, prefix)
+    given = [key for key in state_dict if key.startswith(prefix)]
+    problems: list[str] = []
+    if strict:
+        lenient = {id(m) for m in expected.modules.values() if _custom_loading(m)}
+        missing = [
+            k
+            for k in expected.tensors
+            if k not in state_dict and id(expected.owner(k)) not in lenient
+        ]
+        unexpected = [
+            k for k in given if k not in expected.tensors and id(expected.owner(k)) not in lenient
+        ]
+        if missing:
+            problems.append(f"missing keys: {_listed(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {_listed(unexpected)}")
+        problems += _dense_checkpoint_hint(expected, unexpected)
+    sparse_keys = {at + end for at in expected.sparse for end in (_MASK, _EVER)}
+    for key, target in expected.tensors.items():
+        if key in state_dict and target is not None and key not in sparse_keys:
+            problem = _check_tensor(key, state_dict[key], target)
+            if problem:
+                problems.append(problem)
+    loaded: dict[SparseMask, int] = {}
+    for at, parametrization in expected.sparse.items():
+        keys = [at + end for end in (_ORIGINAL, _MASK, _EVER)]
+        present = [key in state_dict for key in keys]
+        if not any(present):
+            continue  # a missing layer: reported above when strict
+        if not all(present):
+            have = [k for k, p in zip(keys, present) if p]
+            lack = [k for k, p in zip(keys, present) if not p]
+            problems.append(
+                f"layer {at[:-1]!r}: the checkpoint has {have} but not {lack}; a sparse layer "
+                f"loads its weight, mask and ever_active together"
+            )
+            continue
+        layer_problems = _check_sparse_layer(at, state_dict, parametrization.mask.shape)
+        problems += layer_problems
+        if not layer_problems:
+            loaded[parametrization] = int(state_dict[at + _MASK].count_nonzero())
+    if problems:
+        shown = problems[:_MAX_LISTED]
+        if len(problems) > _MAX_LISTED:
+            shown.append(f"... and {len(problems) - _MAX_LISTED} more")
+        raise RuntimeError(
+            f"Error(s) in loading state_dict for {type(model).__name__}; no tensor of it was "
+            f"copied:" + "".join(f"\n\t{p}" for p in shown)
+        )
+    return loaded
+
+
+def _listed(keys: list[str], limit: int = 8) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(repr(k) for k in keys[:limit]) + more
+
+
+def _dense_checkpoint_hint(expected: _Expected, unexpected: list[str]) -> list[str]:
+    """Name the fix when the checkpoint holds plain weights where the model is sparse."""
+    plain = [at + "weight" for at in expected.sparse if at + "weight" in unexpected]
+    if not plain:
+        return []
+    return [
+        f"the checkpoint holds plain (dense) weights of the sparse layers ({_listed(plain, 3)}): "
+        f"load it into the model before sparsify(model, ...), or load a checkpoint saved "
+        f"from a sparsified model"
+    ]
+
+
+def _caller_strict() -> bool | None:
+    """The ``strict`` argument of the ``nn.Module.load_state_dict`` call running now.
+
+    torch hands every module's load pre-hook ``strict=True`` whatever the caller asked
+    for and compares the key sets only after copying; the caller's flag is only in that
+    call's frame. None when the load did not come through ``load_state_dict``.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _LOAD_STATE_DICT:
+            return bool(frame.f_locals["strict"])
+        frame = frame.f_back
+    return None
+
+
+def check_before_load(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Load pre-hook (``register_load_state_dict_pre_hook``) of a sparsified module and
+    of each sparse layer: :func:`check_state_dict` on the entries of its subtree, then
+    record each loaded mask's active count as its ``allocated``."""
+    if not any(isinstance(m, SparseMask) for m in module.modules()):
+        return  # finalized: a plain model loads as torch loads it
+    loaded = check_state_dict(module, state_dict, _caller_strict(), prefix)
+    for parametrization, count in loaded.items():
+        parametrization.allocated = count
+
+
+def install(model: nn.Module) -> None:
+    """Register :func:`check_before_load` on ``model`` and on each of its sparse layers
+    (once each)."""
+    modules = [model] + [m for m in model.modules() if _has_sparse_weight(m)]
+    for module in dict.fromkeys(modules):
+        hooks = [getattr(h, "hook", h) for h in module._load_state_dict_pre_hooks.values()]
+        if check_before_load not in hooks:
+            module.register_load_state_dict_pre_hook(check_before_load)
+
+
+def _has_sparse_weight(module: nn.Module) -> bool:
+    weight = getattr(getattr(module, "parametrizations", None), "weight", None)
+    return weight is not None and isinstance(weight[0], SparseMask)
