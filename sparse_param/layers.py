@@ -131,9 +131,15 @@ def find_targets(
             continue
         if _selects(patterns, name):
             continue
-        weight = getattr(module, "weight", None)
-        if weight is None or (isinstance(weight, nn.Parameter) and weight.dim() < 2):
-            continue  # no weight matrix (a custom layer's per-channel scale, say)
+        # Never read a parametrized weight here: reading it runs the parametrization
+        # (spectral_norm's power iteration updates its buffers in train mode).
+        if not parametrize.is_parametrized(module, "weight"):
+            weight = getattr(module, "weight", None)
+            if weight is None:
+                continue
+            if isinstance(weight, nn.Parameter) and not nn.parameter.is_lazy(weight):
+                if weight.dim() < 2:
+                    continue  # no weight matrix (a custom layer's per-channel scale, say)
         targets[name] = module
     order = list(targets)
     for keep_dense, index in ((dense_first, 0), (dense_last, -1)):
@@ -181,25 +187,25 @@ def _check_plain_weight(name: str, module: nn.Module) -> None:
     tensors (weight_norm's g and v, spectral_norm's normalized copy) has no single
     stored tensor to keep zero off the mask, so it is refused rather than left dense.
     """
-    weight = getattr(module, "weight", None)
-    kind = type(module).__name__
-    if isinstance(weight, nn.parameter.UninitializedParameter):
-        raise ValueError(
-            f"sparsify: layer {name!r} ({kind}) has an uninitialized (lazy) weight: run one "
-            f"forward pass to initialize it before sparsify"
-        )
     if parametrize.is_parametrized(module, "weight"):
+        kind = type(module).__mro__[1].__name__  # the class parametrize derived from
         how = [type(p).__name__ for p in module.parametrizations.weight]
         fix = "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')"
-    elif not isinstance(weight, nn.Parameter):
+    else:
+        weight, kind = module.weight, type(module).__name__
+        if nn.parameter.is_lazy(weight):
+            raise ValueError(
+                f"sparsify: layer {name!r} ({kind}) has an uninitialized (lazy) weight: run "
+                f"one forward pass to initialize it before sparsify"
+            )
+        if isinstance(weight, nn.Parameter):
+            return
         # Old-style weight_norm / spectral_norm: a forward pre-hook recomputes the
         # ``weight`` attribute from weight_g and weight_v (weight_orig) every call.
         how = [type(h).__name__ for h in module._forward_pre_hooks.values()] or [
             "something other than a parameter (a buffer or plain attribute)"
         ]
         fix = "torch.nn.utils.remove_weight_norm / remove_spectral_norm"
-    else:
-        return
     raise ValueError(
         f"sparsify: layer {name!r} ({kind}) computes its weight with {how}, so a mask on "
         f"a stored weight cannot keep what it computes with sparse; leave it dense with "
