@@ -108,7 +108,7 @@ def _check_tensor(key: str, value: Any, target: Tensor) -> str | None:
 
 def _check_sparse_layer(at: str, state_dict: Mapping[str, Any], shape: torch.Size) -> list[str]:
     """What is wrong with one sparse layer's entries (all of which are present)."""
-    name = at[:-1] or "(the sparsified module itself)"
+    name = at[:-1] or "(the module loading)"
     mask, ever = state_dict[at + _MASK], state_dict[at + _EVER]
     problems = []
     for what, value in (("mask", mask), ("ever_active", ever)):
