@@ -120,13 +120,15 @@ def _check_sparse_layer(at: str, state_dict: Mapping[str, Any], shape: torch.Siz
             )
     if problems:
         return problems
-    if not bool(mask.any()):
+    # uint8 views: bool reductions on CPU take an unvectorized path (~50x slower).
+    active, kept = mask.view(torch.uint8), ever.to(mask.device).view(torch.uint8)
+    if not bool(active.any()):
         problems.append(f"layer {name!r}: the mask is all False (every layer keeps >= 1 weight)")
-    missed = int((mask & ~ever.to(mask.device)).count_nonzero())
-    if missed:
+    missed = active & ~kept  # 1 where active and not ever active
+    if bool(missed.any()):
         problems.append(
-            f"layer {name!r}: ever_active misses {missed} active weights of the mask "
-            f"(ever_active must contain the mask)"
+            f"layer {name!r}: ever_active misses {int(missed.count_nonzero())} active weights "
+            f"of the mask (ever_active must contain the mask)"
         )
     return problems
 
