@@ -30,8 +30,9 @@ _MAX_LISTED = 20  # problems listed in one error message
 
 
 class _Expected:
-    """What ``root``'s loading would copy into: key to tensor (None for extra state),
-    the keys whose module loads in its own way, and the sparse layers by key prefix."""
+    """What loading ``root`` copies into, keyed as in its state dict under ``prefix``:
+    ``tensors`` (key to tensor; None for extra state), ``modules`` (key prefix to
+    module) and ``sparse`` (a sparse layer's key prefix to its :class:`SparseMask`)."""
 
     def __init__(self, root: nn.Module, prefix: str) -> None:
         self.tensors: dict[str, Tensor | None] = {}
