@@ -115,9 +115,8 @@ def find_targets(
     patterns = [e for e in excludes if isinstance(e, str)]
     types = tuple(e for e in excludes if isinstance(e, type))
     names = [name for name, _ in model.named_modules()]
-    for argument, pattern in [("include", p) for p in includes or ()] + [
-        ("exclude", p) for p in patterns
-    ]:
+    given = [("include", p) for p in includes or ()] + [("exclude", p) for p in patterns]
+    for argument, pattern in given:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             close = difflib.get_close_matches(pattern, names, n=3)
             hint = f"; did you mean {close}?" if close else ""
