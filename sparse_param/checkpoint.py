@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from .mask import SparseMask
 
@@ -64,12 +65,28 @@ class _Expected:
 
 
 def _custom_loading(module: nn.Module) -> bool:
-    """Whether ``module`` loads its own entries differently from ``nn.Module`` (BatchNorm
-    fills in a missing ``num_batches_tracked``; timm's FrozenBatchNormAct2d drops it), so
-    only torch can tell which of its keys are missing or unexpected."""
+    """Whether ``module`` loads its entries in a way of its own (timm's
+    FrozenBatchNormAct2d drops ``num_batches_tracked``; InstanceNorm checks running
+    stats; a user's pre-hook may rename keys), so only torch can tell which of its keys
+    are missing or unexpected. BatchNorm's way is known: see :func:`_filled_in`."""
     hooks = [getattr(h, "hook", h) for h in module._load_state_dict_pre_hooks.values()]
-    own = type(module)._load_from_state_dict is not nn.Module._load_from_state_dict
+    loader = type(module)._load_from_state_dict
+    own = loader not in (nn.Module._load_from_state_dict, _NormBase._load_from_state_dict)
     return own or any(hook is not check_before_load for hook in hooks)
+
+
+def _filled_in(expected: _Expected, state_dict: Mapping[str, Any]) -> set[str]:
+    """The ``num_batches_tracked`` keys BatchNorm fills in when a checkpoint lacks them:
+    those of modules saved before that buffer existed (metadata version < 2) or with
+    no metadata at all (a state dict rebuilt as a plain dict)."""
+    metadata = getattr(state_dict, "_metadata", None)
+    keys = set()
+    for at, module in expected.modules.items():
+        if isinstance(module, _NormBase) and module.track_running_stats:
+            version = None if metadata is None else metadata.get(at[:-1], {}).get("version")
+            if version is None or version < 2:
+                keys.add(at + "num_batches_tracked")
+    return keys
 
 
 def _kind(dtype: torch.dtype) -> str:
@@ -141,12 +158,13 @@ def check_state_dict(
     anything is: raise listing every problem, or return what to record.
 
     Checked, for the keys under ``prefix``: with ``strict``, that the key sets agree
-    (except the keys of modules that load in their own way, such as BatchNorm, which
-    torch checks as before); that each entry is a tensor of the model's shape and dtype
-    kind; and for every sparse layer, that its stored weight, ``mask`` and
-    ``ever_active`` come together (or not at all), that both buffers are bool and shaped
-    like the weight, that the mask keeps at least one weight, and that ``ever_active``
-    contains the mask. Values off the mask are allowed (loading zeroes them).
+    (a BatchNorm's ``num_batches_tracked`` may be missing where torch fills it in; the
+    keys of modules that load in a way of their own are left to torch); that each entry
+    is a tensor of the model's shape and dtype kind; and for every sparse layer, that
+    its stored weight, ``mask`` and ``ever_active`` come together (or not at all), that
+    both buffers are bool and shaped like the weight, that the mask keeps at least one
+    weight, and that ``ever_active`` contains the mask. Values off the mask are allowed
+    (loading zeroes them).
 
     Args:
         model: the module about to load (a wrapper or a bigger model is fine).
@@ -166,10 +184,11 @@ def check_state_dict(
     problems: list[str] = []
     if strict:
         lenient = {id(m) for m in expected.modules.values() if _custom_loading(m)}
+        filled = _filled_in(expected, state_dict)
         missing = [
             k
             for k in expected.tensors
-            if k not in state_dict and id(expected.owner(k)) not in lenient
+            if k not in state_dict and k not in filled and id(expected.owner(k)) not in lenient
         ]
         unexpected = [
             k for k in given if k not in expected.tensors and id(expected.owner(k)) not in lenient

@@ -277,7 +277,8 @@ def test_a_finalized_model_loads_plain_checkpoints_as_torch_does():
 
 
 def _dtype(value: torch.Tensor) -> torch.Tensor:
-    return value.float() if value.dtype == torch.bool else value.to(torch.int32)
+    """``value`` as a tensor of another kind (bool / integer / floating-point)."""
+    return value.to(torch.int32) if value.dtype.is_floating_point else value.float()
 
 
 def _shape(value: torch.Tensor) -> torch.Tensor:
@@ -287,7 +288,7 @@ def _shape(value: torch.Tensor) -> torch.Tensor:
 CORRUPTIONS = {
     "dtype": _dtype,
     "shape": _shape,
-    "extra dim": lambda v: v.unsqueeze(0),
+    "extra dim": lambda v: v.unsqueeze(0).repeat(2, *[1] * v.dim()),
     "not a tensor": lambda v: v.tolist(),
     "missing": None,
 }
@@ -324,6 +325,40 @@ def test_any_corruption_of_a_sparse_entry_is_refused_untouched(
     # and the uncorrupted checkpoint loads
     model.load_state_dict(checkpoint(0))
     assert allocations(model) == allocations(sparse_net(0))
+
+
+DENSE_KEYS = [
+    "0.bias",
+    "1.weight",
+    "1.bias",
+    "1.running_mean",
+    "1.running_var",
+    "1.num_batches_tracked",
+    "4.bias",
+    "5.bias",
+]
+
+
+@given(
+    st.sampled_from(DENSE_KEYS),
+    st.sampled_from(list(CORRUPTIONS)),
+    st.booleans(),  # strict
+)
+def test_any_corruption_of_another_entry_is_refused_untouched(
+    snapshot, assert_untouched, key, how, strict
+):
+    if how == "missing" and (not strict or key == "1.num_batches_tracked"):
+        return  # a partial load, or one BatchNorm completes as torch does: both valid
+    state = checkpoint(0)
+    if how == "missing":
+        del state[key]
+    else:
+        state[key] = CORRUPTIONS[how](state[key])
+    model = sparse_net(1)
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError, match=key.replace(".", r"\.")):
+        model.load_state_dict(state, strict=strict)
+    assert_untouched(model, snap)
 
 
 def test_a_valid_load_after_a_refused_one_is_exact(check_invariants):
