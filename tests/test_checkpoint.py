@@ -266,6 +266,25 @@ def test_valid_non_strict_and_legacy_loads_still_work(check_invariants):
         assert torch.equal(a, b)
 
 
+def test_a_module_with_its_own_loading_still_loads_its_old_keys():
+    def rename(state_dict, prefix, *args):  # a user's pre-hook for an old key name
+        if prefix + "scale_old" in state_dict:
+            state_dict[prefix + "scale"] = state_dict.pop(prefix + "scale_old")
+
+    def model() -> nn.Sequential:
+        torch.manual_seed(0)
+        layer = nn.Module()
+        layer.register_parameter("scale", nn.Parameter(torch.ones(3)))
+        layer._register_load_state_dict_pre_hook(rename)
+        return sparsify(nn.Sequential(nn.Linear(3, 3), layer), 0.5)
+
+    state = dict(model().state_dict())
+    state["1.scale_old"] = state.pop("1.scale") * 2
+    loaded = model()
+    loaded.load_state_dict(state)
+    assert torch.equal(loaded[1].scale, torch.full((3,), 2.0))
+
+
 def test_a_finalized_model_loads_plain_checkpoints_as_torch_does():
     model = sp.finalize(sparse_net(1))
     plain = net().state_dict()
