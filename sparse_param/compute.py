@@ -26,6 +26,7 @@ is exact; so do ``torch.compile`` traces and dtypes the kernels lack.
 from __future__ import annotations
 
 import types
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -44,13 +45,13 @@ except ImportError:  # timm is optional for the core
 COMPUTE_MODES = ("dense", "sparse", "auto")
 _KERNEL_DTYPES = (torch.float32, torch.float64)  # dtypes of the CPU sparse kernels (MKL)
 
-# Calibration of "auto" (benchmarks/README.md, "calibration"): a whole training step of
-# one layer (forward, backward, SGD step) ran faster in sparse mode than dense on this
-# project's CPU, at batch 32 to 512, wherever the layer had at least AUTO_MIN_ACTIVE
-# active weights and a density at most AUTO_MAX_DENSITY[threads]. Below that size the
-# fixed cost of the sparse calls (tens of microseconds) outweighs the saved work.
-AUTO_MAX_DENSITY = {1: 0.10, 2: 0.05}
-AUTO_MIN_ACTIVE = 2_000
+# Calibration of "auto" (benchmarks/README.md, "Calibration of auto"): a whole training
+# step of one layer (forward, backward, SGD step) ran faster in sparse mode than in dense
+# mode on this project's CPU, at batch 32 to 512, wherever the weight had at least
+# AUTO_MIN_NUMEL entries and a density at most AUTO_MAX_DENSITY[threads]. Below that
+# size the fixed cost of the sparse calls (tens of microseconds) outweighs the saved work.
+AUTO_MAX_DENSITY = {1: 0.05, 2: 0.05}
+AUTO_MIN_NUMEL = 500_000
 
 
 def auto_picks_sparse(shape: tuple[int, int], active: int, threads: int, device: str) -> bool:
@@ -61,7 +62,7 @@ def auto_picks_sparse(shape: tuple[int, int], active: int, threads: int, device:
     input. Only CPU is calibrated; other devices stay dense. More threads than
     calibrated use the most-threads entry.
     """
-    if device != "cpu" or active < AUTO_MIN_ACTIVE:
+    if device != "cpu" or shape[0] * shape[1] < AUTO_MIN_NUMEL:
         return False
     limit = AUTO_MAX_DENSITY[min(max(threads, 1), max(AUTO_MAX_DENSITY))]
     return active <= limit * shape[0] * shape[1]
@@ -85,6 +86,7 @@ class _Structure:
     crow_t: Tensor
     col_t: Tensor
     perm: Tensor
+    pattern: Tensor  # W's CSR pattern with float32 zeros, for sampled_addmm
 
 
 def _build(mask: Tensor, key: tuple[int, int, str, int], sparse: bool) -> _Structure:
@@ -96,7 +98,10 @@ def _build(mask: Tensor, key: tuple[int, int, str, int], sparse: bool) -> _Struc
     perm = torch.argsort(col * rows + row)  # keys are distinct: a plain sort is exact
     crow_t = torch.zeros(cols + 1, dtype=torch.int64, device=mask.device)
     crow_t[1:] = mask.sum(0).cumsum(0)
-    return _Structure(key, sparse, index, crow, col, crow_t, row[perm], perm)
+    with warnings.catch_warnings():  # torch warns once per process that CSR is "beta"
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = _csr(crow, col, torch.zeros(index.numel(), device=mask.device), (rows, cols))
+    return _Structure(key, sparse, index, crow, col, crow_t, row[perm], perm, pattern)
 
 
 class SparseCompute:
@@ -123,6 +128,10 @@ class SparseCompute:
             self.builds += 1
         return self._structure
 
+    def __deepcopy__(self, memo: dict) -> SparseCompute:
+        # A copy (an EMA model) has its own mask: it builds its own structures.
+        return SparseCompute(self.mode)
+
     def __repr__(self) -> str:
         return f"SparseCompute(mode={self.mode!r}, builds={self.builds})"
 
@@ -143,9 +152,10 @@ class _SparseLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, s: _Structure) -> Tensor:  # noqa: D102
         out_features, in_features = weight.shape
         values = weight.detach().reshape(-1)[s.index].to(x.dtype)
-        out = torch.sparse.mm(_csr(s.crow, s.col, values, weight.shape), x.T).T
+        # Contiguous, as F.linear's output (callers may .view() it); the copy is N·out.
+        out = torch.sparse.mm(_csr(s.crow, s.col, values, weight.shape), x.T).T.contiguous()
         if bias is not None:
-            out = out + bias.to(x.dtype)
+            out += bias.to(x.dtype)
         ctx.save_for_backward(x, values)
         ctx.structure = s
         ctx.shape = (out_features, in_features)
@@ -163,7 +173,9 @@ class _SparseLinear(torch.autograd.Function):
             weight_t = _csr(s.crow_t, s.col_t, values[s.perm], (in_features, out_features))
             grad_x = torch.sparse.mm(weight_t, grad.T).T
         if ctx.needs_input_grad[1]:
-            pattern = _csr(s.crow, s.col, torch.zeros_like(values), ctx.shape)
+            pattern = s.pattern
+            if pattern.dtype != x.dtype:
+                pattern = _csr(s.crow, s.col, torch.zeros_like(values), ctx.shape)
             sampled = torch.sparse.sampled_addmm(pattern, grad.T, x, beta=0.0)
             grad_w = torch.zeros(ctx.shape, dtype=ctx.dtypes[0], device=x.device)
             grad_w.view(-1).index_copy_(0, s.index, sampled.values().to(ctx.dtypes[0]))
@@ -198,10 +210,16 @@ def _sparse_linear_forward(self: nn.Module, x: Tensor) -> Tensor:
     return out.to(out_dtype).reshape(*x.shape[:-1], self.out_features)
 
 
+def supports_compute_target(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is ``nn.Linear``'s (or timm's ``Linear``'s), which the
+    sparse path replaces exactly once the module is sparse (subclasses with a forward
+    of their own are left alone)."""
+    return type(module).forward in _LINEAR_FORWARDS
+
+
 def supports_sparse_compute(module: nn.Module) -> bool:
-    """Whether ``module`` is a sparse Linear layer whose forward is ``nn.Linear``'s (or
-    timm's ``Linear``'s), which the sparse path can replace exactly."""
-    return is_sparse(module) and type(module).forward in _LINEAR_FORWARDS
+    """Whether ``module`` is a sparse layer that can take the sparse path."""
+    return is_sparse(module) and supports_compute_target(module)
 
 
 def set_compute(model: nn.Module, mode: str) -> list[str]:

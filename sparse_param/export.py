@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .checkpoint import check_state_dict
+from .compute import remove_sparse_compute
 from .layers import sparse_layers
 from .scheduler import attached_scheduler
 from .standardized import is_standardized
@@ -65,6 +66,7 @@ def finalize(model: nn.Module) -> nn.Module:
         # it would break every other copy. Give this module a class of its own first.
         cls = type(module)
         module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+        remove_sparse_compute(module)  # its forward reads the parametrization
         with torch.no_grad():
             layer.weight.mul_(layer.mask)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)

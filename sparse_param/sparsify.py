@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 
 from . import checkpoint
 from .allocation import allocate
+from .compute import check_compute_mode, set_compute, supports_compute_target
 from .layers import DEFAULT_LAYER_TYPES, find_targets, sparse_layers
 from .mask import SparseMask, zero_inactive_after_load
 from .sampling import random_subset
@@ -29,6 +30,7 @@ def sparsify(
     dense_last: bool = False,
     seed: int | torch.Generator = 0,
     sparse_init: bool = False,
+    compute: str = "dense",
 ) -> nn.Module:
     """Make the weights of ``model``'s Linear and Conv layers sparse, in place.
 
@@ -53,6 +55,11 @@ def sparsify(
         sparse_init: rescale each output unit's weights by
             ``sqrt(fan_in / active_fan_in)`` so its init variance matches a dense layer's
             (Evci et al., gradient flow in sparse networks).
+        compute: how the sparse Linear layers compute (see
+            :func:`sparse_param.compute.set_compute`): ``"dense"`` (masked dense kernels),
+            ``"sparse"`` (CSR kernels over the active weights only) or ``"auto"``
+            (sparse where the calibration says it is faster). Convolutions compute
+            dense in every mode.
 
     Loading a state dict into ``model`` (or any copy of it) is then checked before
     anything is copied: see :mod:`sparse_param.checkpoint`.
@@ -72,12 +79,18 @@ def sparsify(
             "sparsify: the model is already sparse; build a fresh model to sparsify it "
             "again, or call sparse_param.finalize(model) first to make it dense"
         )
+    check_compute_mode(compute)
     targets = find_targets(model, layer_types, include, exclude, dense_first, dense_last)
     if not targets:
         raise ValueError(
             f"sparsify: no target layers in {type(model).__name__}: no module of types "
             f"{_type_names(layer_types)} with a weight matched include={include!r} "
             f"and exclude={exclude!r}"
+        )
+    if compute != "dense" and not any(map(supports_compute_target, targets.values())):
+        raise ValueError(
+            f"sparsify: compute={compute!r} needs an nn.Linear target and there is none "
+            f"(convolutions always compute dense); use compute='dense'"
         )
     shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
     if isinstance(distribution, Mapping):
@@ -110,6 +123,7 @@ def sparsify(
     checkpoint.install(model)
     if sparse_init:
         rescale_to_active_fan_in(model)
+    set_compute(model, compute)
     return model
 
 
