@@ -28,8 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparse_param as sp
 from sparse_param.compute import (
-    AUTO_MAX_DENSITY,
-    AUTO_MIN_NUMEL,
+    AUTO_RULES,
     auto_picks_sparse,
     compute_modes,
     set_compute,
@@ -171,7 +170,7 @@ def test_rigl_captures_the_exact_dense_gradient():
     original = scheduler.before_update
 
     def record():
-        captured.update({l.name: l.parametrization.dense_grad.clone() for l in scheduler.layers})
+        captured.update({x.name: x.parametrization.dense_grad.clone() for x in scheduler.layers})
         original()
 
     scheduler.before_update = record
@@ -246,15 +245,18 @@ def test_bad_compute_mode_leaves_the_model_untouched(snapshot, assert_untouched)
 
 
 def test_auto_follows_the_calibration_and_the_mask():
-    assert auto_picks_sparse((3072, 768), int(0.02 * 3072 * 768), 1, "cpu")
-    assert not auto_picks_sparse((3072, 768), int(0.5 * 3072 * 768), 1, "cpu")
-    assert not auto_picks_sparse((10, 100), 20, 1, "cpu")  # too small to pay off
-    assert not auto_picks_sparse((3072, 768), 1000, 1, "cuda")  # not calibrated
-    limit = AUTO_MAX_DENSITY[max(AUTO_MAX_DENSITY)]
-    assert auto_picks_sparse((3072, 768), int(limit * 3072 * 768), 64, "cpu")
+    max_density, min_numel = AUTO_RULES[1]
+    big = (1000, min_numel // 1000)
+    assert auto_picks_sparse(big, int(max_density * min_numel), 1, "cpu")
+    assert not auto_picks_sparse(big, int(max_density * min_numel) + 1, 1, "cpu")
+    assert not auto_picks_sparse((10, 100), 1, 1, "cpu")  # too small to pay off
+    assert not auto_picks_sparse(big, 1, 1, "cuda")  # not calibrated
+    many = AUTO_RULES[max(AUTO_RULES)]
+    assert auto_picks_sparse((1, many[1]), 1, 64, "cpu")
+    assert not auto_picks_sparse((1, many[1] - 1), 1, 64, "cpu")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(768, 1024), nn.ReLU(), nn.Linear(1024, 10))
-    assert 768 * 1024 >= AUTO_MIN_NUMEL > 10 * 1024
+    assert 768 * 1024 >= min_numel > 10 * 1024
     sp.sparsify(model, 0.02, distribution="uniform", compute="auto")
     assert compute_modes(model) == {"0": "sparse", "2": "dense"}
     layer = next(sp.sparse_layers(model))
