@@ -36,3 +36,14 @@ def test_demo_dynamic_beats_static(tmp_path, capsys):
 def test_demo_rejects_unknown_method(tmp_path):
     with pytest.raises(ValueError, match="unknown methods"):
         run_demo(DemoConfig(epochs=1, seeds=(0,)), ("dense", "magic"), tmp_path)
+
+
+def test_demo_reports_training_time_per_method(tmp_path, capsys):
+    torch.set_num_threads(1)
+    config = DemoConfig(epochs=1, seeds=(0,), compute="sparse")
+    results = run_demo(config, ("dense", "static"), None)
+    assert all(r.seconds > 0 for r in results)
+    table = format_table(results, config)
+    assert "| training time (s) |" in table and "compute 'sparse'" in table
+    for r in results:
+        assert f"| {r.seconds:.1f} |" in table
