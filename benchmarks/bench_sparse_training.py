@@ -12,6 +12,7 @@ the order rotating every round, after a warm-up; the table gives medians and spe
     python benchmarks/bench_sparse_training.py                       # all cases
     python benchmarks/bench_sparse_training.py --cases set_mlp_cifar --threads 1
     python benchmarks/bench_sparse_training.py --calibrate           # the "auto" table
+    python benchmarks/bench_sparse_training.py --capture             # dense-grad capture
 """
 
 from __future__ import annotations
@@ -153,6 +154,35 @@ def calibrate(args) -> None:
                 )
 
 
+def capture_cost(args) -> None:
+    """Sparse mode: a step that captures the dense gradient (RigL / GraNet before an
+    update, every SNFS step) vs an ordinary step, set_mlp_cifar at each density."""
+    print("| threads | density | ordinary step (ms) | capturing step (ms) | ratio |")
+    print("|---|---|---|---|---|")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for density in args.densities:
+            torch.manual_seed(0)
+            model, x, y = build("set_mlp_cifar")
+            sparsify(model, density, compute="sparse")
+            step = make_step(model, x, y, sparse=True)
+            masks = [layer.parametrization for layer in sparse_param.sparse_layers(model)]
+
+            def armed(step=step, masks=masks) -> None:
+                for m in masks:
+                    m.capture_dense_grad = True
+                step()
+                for m in masks:
+                    m.capture_dense_grad, m.dense_grad = False, None
+
+            med = time_rounds({"ordinary": step, "armed": armed}, args.repeats, 1)
+            print(
+                f"| {threads} | {density} | {1e3 * med['ordinary']:.1f} | "
+                f"{1e3 * med['armed']:.1f} | {med['armed'] / med['ordinary']:.2f} |",
+                flush=True,
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cases = ("set_mlp_cifar", "lenet_300_100", "vit_small_patch16_224", "linear_3072x768")
@@ -163,8 +193,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--vit-repeats", type=int, default=3)
     parser.add_argument("--calibrate", action="store_true", help="per-layer table for 'auto'")
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512])
+    parser.add_argument("--capture", action="store_true", help="cost of dense-grad capture")
     args = parser.parse_args(argv)
-    if args.calibrate:
+    if args.capture:
+        capture_cost(args)
+    elif args.calibrate:
         calibrate(args)
     else:
         run_cases(args)

@@ -1,6 +1,6 @@
 """sparse_param: sparse-from-scratch training for any PyTorch model."""
 
-from . import models, plots  # models: registers the papers' architectures with timm
+from . import compute, models, plots  # models: registers the papers' architectures with timm
 from .algorithms import ALGORITHMS, DSR, GMP, SET, SNFS, GraNet, RigL, Static
 from .allocation import allocate, apportion
 from .capacity import SameCapacity, capacity, same_capacity_dense
@@ -47,6 +47,7 @@ __all__ = [
     "apportion",
     "attached_scheduler",
     "capacity",
+    "compute",
     "dense_training_flops",
     "dense_state_dict",
     "density",
