@@ -63,7 +63,8 @@ def auto_picks_sparse(shape: tuple[int, int], active: int, threads: int, device:
     """
     max_density, min_numel = AUTO_RULES[min(max(threads, 1), max(AUTO_RULES))]
     numel = shape[0] * shape[1]
-    return device == "cpu" and numel >= min_numel and active <= max_density * numel
+    # round(): the count sparsify gives a layer at exactly max_density still qualifies.
+    return device == "cpu" and numel >= min_numel and active <= round(max_density * numel)
 
 
 @dataclass(frozen=True)

@@ -246,9 +246,11 @@ def test_bad_compute_mode_leaves_the_model_untouched(snapshot, assert_untouched)
 
 def test_auto_follows_the_calibration_and_the_mask():
     max_density, min_numel = AUTO_RULES[1]
-    big = (1000, min_numel // 1000)
-    assert auto_picks_sparse(big, int(max_density * min_numel), 1, "cpu")
-    assert not auto_picks_sparse(big, int(max_density * min_numel) + 1, 1, "cpu")
+    big = (3072, 768)  # 0.05 · numel = 117964.8: sparsify gives it 117965 active
+    assert big[0] * big[1] >= min_numel
+    limit = round(max_density * big[0] * big[1])
+    assert auto_picks_sparse(big, limit, 1, "cpu")
+    assert not auto_picks_sparse(big, limit + 1, 1, "cpu")
     assert not auto_picks_sparse((10, 100), 1, 1, "cpu")  # too small to pay off
     assert not auto_picks_sparse(big, 1, 1, "cuda")  # not calibrated
     many = AUTO_RULES[max(AUTO_RULES)]
