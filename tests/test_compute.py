@@ -279,9 +279,9 @@ def test_sparse_training_reaches_dense_mode_accuracy():
         model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
         sp.sparsify(model, 0.1, distribution="uniform", seed=0, compute=mode)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        sp.SET(model, optimizer, total_steps=400, update_interval=50, seed=0)
+        sp.SET(model, optimizer, total_steps=300, update_interval=50, seed=0)
         generator = torch.Generator().manual_seed(0)
-        for _ in range(400):
+        for _ in range(300):
             batch = torch.randint(1400, (64,), generator=generator)
             optimizer.zero_grad()
             F.cross_entropy(model(x[train][batch]), y[train][batch]).backward()
