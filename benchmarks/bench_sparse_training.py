@@ -58,7 +58,7 @@ def build(case: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, sparse: bool):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-5)
     if sparse:  # between updates: the scheduler's per-step work, no topology change
-        SET(model, optimizer, total_steps=10**6, update_interval=10**6)
+        SET(model, optimizer, total_steps=10**6, update_interval=10**4)
 
     def step() -> None:
         optimizer.zero_grad()
