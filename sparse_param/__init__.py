@@ -1,7 +1,7 @@
 """sparse_param: sparse-from-scratch training for any PyTorch model."""
 
 from . import compute, models, plots  # models: registers the papers' architectures with timm
-from .algorithms import ALGORITHMS, DSR, GMP, SET, SNFS, GraNet, RigL, Static
+from .algorithms import ALGORITHMS, DSR, GMP, SET, SNFS, GraNet, RigL, SRigL, Static
 from .allocation import allocate, apportion
 from .capacity import SameCapacity, capacity, same_capacity_dense
 from .export import (
@@ -38,6 +38,7 @@ __all__ = [
     "RigL",
     "SET",
     "SNFS",
+    "SRigL",
     "SparseScheduler",
     "Static",
     "SparseLayer",

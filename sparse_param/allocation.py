@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from .structure import Structure, check_shape, fan_in_of, parse_structure
+
 DISTRIBUTIONS = ("uniform", "er", "erk")
 
 
@@ -96,6 +98,7 @@ def allocate(
     shapes: Mapping[str, Sequence[int]],
     density: float,
     distribution: str | Mapping[str, float] = "erk",
+    structure: str | Structure | None = None,
 ) -> dict[str, int]:
     """Active weight count per layer.
 
@@ -104,12 +107,17 @@ def allocate(
         density: overall share of active weights, in (0, 1].
         distribution: ``"uniform"``, ``"er"``, ``"erk"``, or a mapping from layer name
             to that layer's density; layers the mapping leaves out get ``density``.
+        structure: None (unstructured), ``"fan_in"`` or ``"N:M"``: counts that a mask of
+            that structure can hold (see :func:`allocate_structured`).
 
     Returns:
         Layer name to active count. With a named distribution the counts add up to
         ``round(density * total)`` exactly (at least one per layer, at most the layer's
         size); with a mapping each layer gets ``round(d * numel)``, at least 1.
     """
+    parsed = parse_structure(structure)
+    if parsed is not None:
+        return allocate_structured(shapes, density, distribution, parsed)
     _check_density(density, "density")
     sizes = {name: math.prod(shape) for name, shape in shapes.items()}
     if not sizes:
@@ -141,6 +149,44 @@ def allocate(
     weights = [layer_scores(shapes[n], distribution) * sizes[n] for n in names]
     counts = apportion(total, weights, [1] * len(names), [sizes[n] for n in names])
     return dict(zip(names, counts))
+
+
+def allocate_structured(
+    shapes: Mapping[str, Sequence[int]],
+    density: float,
+    distribution: str | Mapping[str, float],
+    structure: Structure,
+) -> dict[str, int]:
+    """Active count per layer for a structured mask (see :func:`allocate`).
+
+    ``"fan_in"``: the distribution's exact counts, each rounded to a whole number of
+    units, ``k · out`` with ``1 <= k <= fan_in``; the total is then within half a unit per
+    layer of ``round(density · total)``. ``"N:M"``: every layer gets ``N/M`` of its
+    weights whatever the distribution (the structure fixes it), and ``density`` must be
+    ``N/M``; a mapping distribution is refused.
+    """
+    for name, shape in shapes.items():
+        check_shape(shape, structure, repr(name))
+    if structure.kind == "n:m":
+        if isinstance(distribution, Mapping):
+            raise ValueError(
+                f"structure {structure} fixes every layer's density at N/M = "
+                f"{structure.n / structure.m}; a per-layer distribution mapping cannot apply"
+            )
+        _check_density(density, "density")
+        if not math.isclose(density, structure.n / structure.m, rel_tol=1e-9):
+            raise ValueError(
+                f"structure {structure} gives density N/M = {structure.n}/{structure.m} = "
+                f"{structure.n / structure.m}, but density={density} was asked: pass "
+                f"density={structure.n / structure.m}, or an N:M whose ratio is {density}"
+            )
+        return {name: math.prod(s) * structure.n // structure.m for name, s in shapes.items()}
+    counts = allocate(shapes, density, distribution)
+    out: dict[str, int] = {}
+    for name, shape in shapes.items():
+        k = min(max(round(counts[name] / shape[0]), 1), fan_in_of(shape))
+        out[name] = k * shape[0]
+    return out
 
 
 def _check_density(value: float, what: str) -> None:

@@ -22,10 +22,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from .mask import SparseMask
+from .structure import checkpoint_problems
 
 _ORIGINAL = "parametrizations.weight.original"
 _MASK = "parametrizations.weight.0.mask"
 _EVER = "parametrizations.weight.0.ever_active"
+_STRUCTURE = "parametrizations.weight.0.structure"  # structured masks only
 _LOAD_STATE_DICT = nn.Module.load_state_dict.__code__
 _MAX_LISTED = 20  # problems listed in one error message
 
@@ -163,8 +165,9 @@ def check_state_dict(
     is a tensor of the model's shape and dtype kind; and for every sparse layer, that
     its stored weight, ``mask`` and ``ever_active`` come together (or not at all), that
     both buffers are bool and shaped like the weight, that the mask keeps at least one
-    weight, and that ``ever_active`` contains the mask. Values off the mask are allowed
-    (loading zeroes them).
+    weight, that ``ever_active`` contains the mask, and that a structured layer's mask
+    keeps its structure (:func:`~sparse_param.structure.checkpoint_problems`). Values off
+    the mask are allowed (loading zeroes them).
 
     Args:
         model: the module about to load (a wrapper or a bigger model is fine).
@@ -219,6 +222,10 @@ def check_state_dict(
             )
             continue
         layer_problems = _check_sparse_layer(at, state_dict, parametrization.mask.shape)
+        if not layer_problems:  # a structured layer's mask must keep its structure
+            name, mask = at[:-1] or "(the module loading)", state_dict[at + _MASK]
+            code = state_dict.get(at + _STRUCTURE)
+            layer_problems = checkpoint_problems(name, parametrization, mask, code)
         problems += layer_problems
         if not layer_problems:
             loaded[parametrization] = int(state_dict[at + _MASK].count_nonzero())

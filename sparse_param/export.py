@@ -17,6 +17,7 @@ from .standardized import is_standardized
 _ORIGINAL = "parametrizations.weight.original"
 _MASK = "parametrizations.weight.0.mask"
 _EVER = "parametrizations.weight.0.ever_active"
+_STRUCTURE = "parametrizations.weight.0.structure"  # only on structured masks
 
 
 def _prefix(key: str, suffix: str) -> str | None:
@@ -82,11 +83,11 @@ def dense_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Turn a sparsified model's state dict into the plain one of the same architecture.
 
     ``<layer>.parametrizations.weight.original`` (times its mask) becomes
-    ``<layer>.weight``; masks and ever-active buffers are dropped.
+    ``<layer>.weight``; masks, ever-active and structure buffers are dropped.
     """
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        if _prefix(key, _MASK) is not None or _prefix(key, _EVER) is not None:
+        if any(_prefix(key, suffix) is not None for suffix in (_MASK, _EVER, _STRUCTURE)):
             continue
         prefix = _prefix(key, _ORIGINAL)
         if prefix is not None:

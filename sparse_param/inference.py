@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .condensed import CondensedLinear
 from .layers import is_sparse, unwrap
 
 try:  # timm's Linear only adds a torchscript cast to nn.Linear's forward
@@ -211,8 +212,23 @@ def _zeros(module: nn.Module) -> tuple[int, int]:
         return weight.numel() - int(torch.count_nonzero(weight)), weight.numel()
 
 
-def to_sparse(model: nn.Module, *, min_sparsity: float = 0.9, plain: bool = True) -> nn.Module:
+FORMATS = ("csr", "condensed", "semi_structured")
+
+
+def to_sparse(
+    model: nn.Module, *, min_sparsity: float = 0.9, plain: bool = True, format: str = "csr"
+) -> nn.Module:
     """Replace the sparse ``nn.Linear`` layers of ``model`` by :class:`SparseLinear`, in place.
+
+    ``format`` picks the replacement: ``"csr"`` (default, :class:`SparseLinear`, CPU),
+    ``"condensed"`` (:class:`~sparse_param.condensed.CondensedLinear`, for constant
+    fan-in masks: ``sparsify(..., structure="fan_in")``) or ``"semi_structured"`` (a plain
+    ``nn.Linear`` whose weight is ``torch.sparse.to_sparse_semi_structured`` of the 2:4
+    weight, run by the sparse tensor cores of NVIDIA GPUs from Ampere on; CUDA only,
+    float16 / bfloat16 weights, shapes as that function requires). For ``"condensed"``
+    and ``"semi_structured"`` every layer chosen must have the structure; otherwise the
+    call raises before changing anything. ``min_sparsity`` still chooses the layers (pass
+    ``min_sparsity=0.5`` for 2:4).
 
     For inference only (CPU): the converted layers compute with a CSR weight and pass no
     gradient; do not keep training a ``to_sparse`` model (train the sparse model, then
@@ -247,11 +263,15 @@ def to_sparse(model: nn.Module, *, min_sparsity: float = 0.9, plain: bool = True
         ``model``, with its layers replaced.
 
     Raises:
-        ValueError: ``min_sparsity`` outside [0, 1], or no layer to convert (no sparse or
-            plain Linear at least ``min_sparsity`` zeros); the model is left unchanged.
+        ValueError: ``min_sparsity`` outside [0, 1], an unknown ``format``, no layer to
+            convert (no sparse or plain Linear at least ``min_sparsity`` zeros), or a
+            chosen layer without the format's structure; the model is left unchanged.
+        RuntimeError: ``format="semi_structured"`` with a layer that is not on CUDA.
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"to_sparse: min_sparsity must be in [0, 1], got {min_sparsity}")
+    if format not in FORMATS:
+        raise ValueError(f"to_sparse: unknown format {format!r}; expected one of {FORMATS}")
     root = unwrap(model)
     chosen: list[tuple[nn.Module, str, nn.Module]] = []
     below: list[tuple[float, str]] = []
@@ -274,12 +294,80 @@ def to_sparse(model: nn.Module, *, min_sparsity: float = 0.9, plain: bool = True
                 below.append((zeros / numel, name))
     if not chosen:
         raise ValueError(_nothing_to_convert(root, min_sparsity, plain, below, sparse_other))
-    converted: dict[int, SparseLinear] = {}  # a module shared by two parents converts once
+    build = {"csr": SparseLinear.from_linear, "condensed": CondensedLinear.from_linear}.get(
+        format, _semi_structured
+    )
+    if format != "csr":
+        _check_format(root, [child for _, _, child in chosen], format)
+    converted: dict[int, nn.Module] = {}  # a module shared by two parents converts once
     for parent, child_name, child in chosen:
         if id(child) not in converted:
-            converted[id(child)] = SparseLinear.from_linear(child)
+            converted[id(child)] = build(child)
         setattr(parent, child_name, converted[id(child)])
     return model
+
+
+def _computed_pattern(module: nn.Module) -> Tensor:
+    """Bool pattern of the weight a Linear computes with: its mask, or its non-zeros."""
+    with torch.no_grad():
+        if is_sparse(module):
+            return module.parametrizations.weight[0].mask
+        return module.weight != 0
+
+
+def _check_format(root: nn.Module, modules: list[nn.Module], format: str) -> None:
+    """Raise before any change if a chosen layer cannot take ``format``."""
+    names = {id(m): name for name, m in root.named_modules()}
+    for module in modules:
+        pattern = _computed_pattern(module)
+        if format == "condensed":
+            fan_ins = pattern.sum(1)
+            if fan_ins[fan_ins > 0].unique().numel() > 1:
+                raise ValueError(
+                    f"to_sparse(format='condensed'): layer {names[id(module)]!r} is not "
+                    f"constant fan-in; sparsify with structure='fan_in', or use format='csr'"
+                )
+            continue
+        # 2:4 hardware takes at most 2 non-zeros in every 4 consecutive inputs.
+        why = (
+            f"in_features {pattern.shape[1]} is not a multiple of 4"
+            if pattern.shape[1] % 4
+            else None
+        )
+        over = 0 if why else int((pattern.reshape(-1, 4).sum(1) > 2).sum())
+        if over:
+            why = f"{over} of {pattern.numel() // 4} groups of 4 inputs have more than 2 active"
+        if why is not None:
+            raise ValueError(
+                f"to_sparse(format='semi_structured'): layer {names[id(module)]!r} is not 2:4 "
+                f"({why}); sparsify with structure='2:4' (or prune to it with GMP)"
+            )
+        if module.weight.device.type != "cuda":
+            raise RuntimeError(
+                f"to_sparse(format='semi_structured'): layer {names[id(module)]!r} is on "
+                f"{module.weight.device}; 2:4 semi-structured sparse kernels run on CUDA only "
+                f"(NVIDIA Ampere or newer): move the model with model.cuda().half() first, "
+                f"or use format='csr' / 'condensed' on CPU"
+            )
+
+
+def _semi_structured(module: nn.Module) -> nn.Linear:
+    """A plain ``nn.Linear`` computing with the 2:4 weight in semi-structured form."""
+    with torch.no_grad():
+        weight = module.weight.detach() * _computed_pattern(module)
+        linear = nn.Linear(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    linear.weight = nn.Parameter(
+        torch.sparse.to_sparse_semi_structured(weight), requires_grad=False
+    )
+    return linear
 
 
 def _nothing_to_convert(

@@ -30,6 +30,8 @@ from .metrics import density, egf_at_update, itop_rate
 from .sampling import random_subset
 from .schedules import DROP_SCHEDULES
 from .schedules import drop_fraction as drop_fraction_at
+from .structure import Structure, structure_of
+from .structure import select as structured_select
 
 OPTIMIZER_STATE_KEY = "sparse_param"  # where the scheduler's state sits in optimizer.state_dict()
 HISTORY_SIZE = 20  # full update records a checkpoint keeps (so checkpoints stay bounded)
@@ -181,6 +183,8 @@ class SparseScheduler:
     drop_schedule = _schedule_attribute("drop_schedule", "Decay of α: one of ``DROP_SCHEDULES``.")
     stop = _schedule_attribute("stop", "Share of total_steps after which nothing updates.")
     start = _schedule_attribute("start", "Share of total_steps before which nothing updates.")
+    regrows = True  # structured layers: keep room in every group to regrow what it drops
+    keeps_structure = True  # False: moves counts across layers, refuses structured models
 
     def __init__(
         self,
@@ -258,6 +262,15 @@ class SparseScheduler:
         self._pending_state: dict[str, Any] | None = None
         self._hook = None
         self._state_hooks: list[Any] = []
+        self.structures: list[Structure | None] = [
+            structure_of(layer.parametrization) for layer in layers
+        ]
+        if not self.keeps_structure and any(self.structures):
+            raise ValueError(
+                f"{owner} moves active weights across layers or groups, which breaks the "
+                f"model's {next(filter(None, self.structures))} structure: use Static, SET, "
+                f"RigL, SRigL or GMP, or sparsify without structure="
+            )
         self.setup()  # may raise: nothing is attached yet
         if any(bool(state) for state in optimizer.state.values()):
             warnings.warn(
@@ -333,6 +346,11 @@ class SparseScheduler:
     def interval(self, step: int) -> int:
         """Update interval in force at ``step``."""
         return self.update_interval
+
+    def group_targets(self, index: int, layer: SparseLayer) -> Tensor | None:
+        """Structured layers: active count each group (unit or N:M group) ends the
+        update with, ``(groups,)``. Default None: what it had before the update."""
+        return None
 
     # ----------------------------------------------------------------- the schedule
     def _check_schedule(self, schedule: Mapping[str, Any]) -> dict[str, Any]:
@@ -454,20 +472,29 @@ class SparseScheduler:
         old_masks = [layer.mask.clone() for layer in self.layers]
         capacity = [layer.numel - layer.active for layer in self.layers]
         planned = self.prune_counts(fraction)
+        targets = [self.group_targets(i, layer) for i, layer in enumerate(self.layers)]
         planned_grown = self.grow_counts(planned, capacity)
         broken = [old & ~torch.isfinite(layer.weight) for layer, old in zip(self.layers, old_masks)]
+        # Structured layers drop non-finite weights first within their own counts (they
+        # score -inf): an extra drop would not fit every group.
         extra = [
-            max(min(int(b.count_nonzero()), layer.active - 1 - p, c - g), 0)
-            for layer, b, p, g, c in zip(self.layers, broken, planned, planned_grown, capacity)
+            0 if s is not None else max(min(int(b.count_nonzero()), layer.active - 1 - p, c - g), 0)
+            for layer, s, b, p, g, c in zip(
+                self.layers, self.structures, broken, planned, planned_grown, capacity
+            )
         ]
         pruned = [p + e for p, e in zip(planned, extra)]
         grown = [g + e for g, e in zip(planned_grown, extra)]
         for i, (layer, old) in enumerate(zip(self.layers, old_masks)):
             drop = self._select(
-                layer, old, pruned[i], self.prune_score(i, layer), lowest=True, first=broken[i]
-            )
+                layer, old, pruned[i], self.prune_score(i, layer), lowest=True,
+                first=broken[i], index=i, targets=targets[i],
+            )  # fmt: skip
             self._warn_non_finite(layer, broken[i], drop)
-            grow = self._select(layer, ~old, grown[i], self.grow_score(i, layer), lowest=False)
+            grow = self._select(
+                layer, ~old, grown[i], self.grow_score(i, layer), lowest=False, index=i,
+                targets=targets[i], kept=old & ~drop,
+            )  # fmt: skip
             self._apply(layer, old, distributed.broadcast_mask_((old & ~drop) | grow))
         self.after_update(planned, planned_grown)
         self._clear_dense_grads()
@@ -490,11 +517,22 @@ class SparseScheduler:
         score: Tensor | None,
         lowest: bool,
         first: Tensor | None = None,
+        index: int = 0,
+        targets: Tensor | None = None,
+        kept: Tensor | None = None,
     ) -> Tensor:
         """Bool tensor marking ``n`` of the ``candidates``: those in ``first`` before any
         other, then the lowest (``lowest``) or highest ``score``; uniform at random when
         ``score`` is None. Non-finite scores rank last (dropped first, grown last), with a
-        warning."""
+        warning. A structured layer (``self.structures[index]``) selects inside its groups
+        (:func:`sparse_param.structure.select`) so that every group ends at its
+        ``targets`` count; ``kept`` is the mask after pruning, for growth."""
+        structure = self.structures[index]
+        if structure is not None:
+            return structured_select(
+                structure, candidates, n, score, lowest=lowest, kept=kept, targets=targets,
+                regrow=self.regrows, generator=self.generator,
+            )  # fmt: skip
         chosen = torch.zeros(candidates.numel(), dtype=torch.bool, device=candidates.device)
         if first is not None:
             forced = (candidates & first).flatten().nonzero().squeeze(1)[:n]

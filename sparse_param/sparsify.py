@@ -16,6 +16,7 @@ from .layers import DEFAULT_LAYER_TYPES, find_targets, sparse_layers
 from .mask import SparseMask, zero_inactive_after_load
 from .sampling import random_subset
 from .standardized import install_sparse_forward, is_standardized
+from .structure import Structure, parse_structure, random_mask, record
 
 
 def sparsify(
@@ -31,6 +32,7 @@ def sparsify(
     seed: int | torch.Generator = 0,
     sparse_init: bool = False,
     compute: str = "dense",
+    structure: str | None = None,
 ) -> nn.Module:
     """Make the weights of ``model``'s Linear and Conv layers sparse, in place.
 
@@ -60,6 +62,13 @@ def sparsify(
             ``"sparse"`` (CSR kernels over the active weights only) or ``"auto"``
             (sparse where the calibration says it is faster). Convolutions compute
             dense in every mode.
+        structure: None (unstructured), ``"fan_in"`` (every output unit of a layer keeps
+            the same number of active inputs; the distribution decides each layer's
+            fan-in, rounded to whole units) or ``"N:M"`` such as ``"2:4"`` (N active in
+            every M consecutive inputs, groups along the flattened input dimension;
+            ``density`` must equal N/M, and a fan-in M does not divide is refused). The
+            structure is recorded in each mask (buffer ``structure``, in the state dict),
+            kept by the schedulers and checked when a checkpoint is loaded.
 
     Loading a state dict into ``model`` (or any copy of it) is then checked before
     anything is copied: see :mod:`sparse_param.checkpoint`.
@@ -93,12 +102,13 @@ def sparsify(
             f"(convolutions always compute dense); use compute='dense'"
         )
     shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
+    parsed = parse_structure(structure)
     if isinstance(distribution, Mapping):
         _check_mapping_counts(distribution, shapes)
-    counts = allocate(shapes, density, distribution)
+    counts = allocate(shapes, density, distribution, parsed)
     generator = _generator(seed)
 
-    masks = {name: _random_mask(shapes[name], counts[name], generator) for name in targets}
+    masks = {name: _mask(shapes[name], counts[name], parsed, generator) for name in targets}
     done: list[tuple[nn.Module, torch.Tensor]] = []
     try:
         for name, module in targets.items():
@@ -111,6 +121,8 @@ def sparsify(
             module.parametrizations.weight.register_load_state_dict_post_hook(
                 zero_inactive_after_load
             )
+            if parsed is not None:
+                record(module.parametrizations.weight[0], parsed)
             if is_standardized(module):
                 install_sparse_forward(module)
     except BaseException:
@@ -141,7 +153,11 @@ def rescale_to_active_fan_in(model: nn.Module) -> None:
         layer.weight.mul_(scale.view(-1, *([1] * (layer.weight.dim() - 1))))
 
 
-def _random_mask(shape: Sequence[int], count: int, generator: torch.Generator) -> torch.Tensor:
+def _mask(
+    shape: Sequence[int], count: int, structure: Structure | None, generator: torch.Generator
+) -> torch.Tensor:
+    if structure is not None:
+        return random_mask(shape, structure, count, generator)
     numel = math.prod(shape)
     mask = torch.zeros(numel, dtype=torch.bool)
     mask[random_subset(numel, count, generator)] = True

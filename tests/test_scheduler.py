@@ -326,7 +326,8 @@ def test_non_finite_values_at_an_update(algorithm, where):
 @pytest.mark.parametrize("algorithm", ["set", "rigl", "snfs", "dsr", "gmp", "granet"])
 def test_history_records_what_each_update_did(algorithm):
     density = 0.5 if algorithm in ("gmp", "granet") else 0.3
-    model = helpers.build_model(density=density)
+    structure = "fan_in" if algorithm == "srigl" else None
+    model = helpers.build_model(density=density, structure=structure)
     optimizer = sgd(model)
     extra = {"threshold": 0.05} if algorithm == "dsr" else {}
     scheduler = make(algorithm, model, optimizer, total_steps=30, update_interval=3, **extra)
@@ -535,7 +536,8 @@ def _assert_same(a, b, where="state"):
 @pytest.mark.parametrize("algorithm", sorted(sp.ALGORITHMS))
 def test_state_dict_loads_with_weights_only(algorithm, tmp_path):
     density = 0.5 if algorithm in ("gmp", "granet") else 0.3
-    model = helpers.build_model(density=density)
+    structure = "fan_in" if algorithm == "srigl" else None
+    model = helpers.build_model(density=density, structure=structure)
     optimizer = sgd(model)
     scheduler = make(algorithm, model, optimizer)
     train(model, optimizer, 10)
@@ -549,7 +551,7 @@ def test_state_dict_loads_with_weights_only(algorithm, tmp_path):
     _assert_same(scheduler.state_dict(), loaded["optimizer"]["sparse_param"])
 
     for source in ("scheduler", "optimizer"):
-        fresh = helpers.build_model(density=density, mask_seed=99)
+        fresh = helpers.build_model(density=density, mask_seed=99, structure=structure)
         fresh_optimizer = sgd(fresh)
         fresh_scheduler = make(algorithm, fresh, fresh_optimizer)
         if source == "scheduler":

@@ -5,8 +5,11 @@ from .gmp import GMP, GraNet
 from .rigl import RigL
 from .set import SET
 from .snfs import SNFS
+from .srigl import SRigL
 from .static import Static
 
-ALGORITHMS = {cls.__name__.lower(): cls for cls in (Static, SET, RigL, SNFS, DSR, GMP, GraNet)}
+ALGORITHMS = {
+    cls.__name__.lower(): cls for cls in (Static, SET, RigL, SRigL, SNFS, DSR, GMP, GraNet)
+}
 
-__all__ = ["ALGORITHMS", "DSR", "GMP", "GraNet", "RigL", "SET", "SNFS", "Static"]
+__all__ = ["ALGORITHMS", "DSR", "GMP", "GraNet", "RigL", "SET", "SNFS", "SRigL", "Static"]

@@ -34,6 +34,7 @@ class DSR(SparseScheduler):
     """
 
     defaults = {**SparseScheduler.defaults, "drop_schedule": "constant"}
+    keeps_structure = False  # redistributes across layers
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ from ..allocation import allocate
 from ..layers import SparseLayer
 from ..scheduler import SparseScheduler, check_real
 from ..schedules import cubic_decay
+from ..structure import Structure, group_counts, parse_structure
 
 
 class GMP(SparseScheduler):
@@ -24,14 +25,23 @@ class GMP(SparseScheduler):
     counts are ``allocate(shapes, density, distribution)``, reached exactly at
     ``stop``. Nothing regrows.
 
+    With ``structure`` (``"fan_in"`` or ``"N:M"``) GMP prunes to that structure: it
+    starts from a mask whose groups (units, or runs of M inputs) all hold the same count
+    (a dense start does), the schedule is applied per group, so every update leaves each
+    group of a layer with the same count c_t, and at ``stop`` the masks satisfy the
+    structure exactly (e.g. 2:4 from dense: 4 → 3 → 2 active per group). The masks'
+    recorded structure stays the one of ``sparsify`` (they are not N:M before ``stop``).
+
     Args:
         density: final density over the sparse layers (required; below the model's
-            current density).
+            current density; N/M for an N:M structure).
         distribution: allocation of the final counts (``"erk"``, ``"er"``,
             ``"uniform"``, or a mapping of layer name to density).
+        structure: None, ``"fan_in"`` or ``"N:M"``: the structure to prune to.
     """
 
     defaults = {**SparseScheduler.defaults, "drop_fraction": 0.0, "drop_schedule": "constant"}
+    regrows = False
 
     def __init__(
         self,
@@ -40,6 +50,7 @@ class GMP(SparseScheduler):
         *,
         density: float | None = None,
         distribution: str | Mapping[str, float] = "erk",
+        structure: str | None = None,
         **kwargs: Any,
     ):
         owner = type(self).__name__
@@ -50,13 +61,16 @@ class GMP(SparseScheduler):
             )
         self.density = check_real(owner, "density", density, 0, 1, open_low=True)
         self.distribution = distribution
+        self.structure = parse_structure(structure)
         super().__init__(model, optimizer, **kwargs)
 
     def setup(self) -> None:
         owner = type(self).__name__
         shapes = {layer.name: tuple(layer.mask.shape) for layer in self.layers}
+        if self.structure is not None:
+            self._setup_structure(self.structure)
         try:
-            final = allocate(shapes, self.density, self.distribution)
+            final = allocate(shapes, self.density, self.distribution, self.structure)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{owner}: {error}") from error
         active = sum(layer.active for layer in self.layers)
@@ -83,14 +97,52 @@ class GMP(SparseScheduler):
         self.initial_counts = [layer.active for layer in self.layers]
         self.final_counts = [final[layer.name] for layer in self.layers]
 
+    def _setup_structure(self, structure: Structure) -> None:
+        if not self.keeps_structure:
+            raise ValueError(f"{type(self).__name__} cannot prune to a structure (use GMP)")
+        recorded = {str(s) for s in self.structures if s is not None}
+        if recorded - {str(structure)}:
+            raise ValueError(
+                f"{type(self).__name__}: the model was sparsified with structure "
+                f"{recorded.pop()}, which differs from structure={str(structure)!r}"
+            )
+        uneven = [
+            layer.name
+            for layer in self.layers
+            if group_counts(layer.mask, structure).unique().numel() > 1
+        ]
+        if uneven:
+            raise ValueError(
+                f"{type(self).__name__}: to prune to {structure} every group of a layer must "
+                f"start with the same active count; layers {uneven[:5]} do not: sparsify "
+                f"at density 1.0 (dense start) or with structure={str(structure)!r}"
+            )
+        self.structures = [structure] * len(self.layers)
+
     def is_update_step(self, step: int) -> bool:
         # Also update at stop itself, so the final counts are reached exactly.
         return super().is_update_step(step) or step == self.stop_step > self.start_step
 
     def target_counts(self, step: int) -> list[int]:
-        """Active count of each layer scheduled for ``step``."""
+        """Active count of each layer scheduled for ``step`` (with a structure: the
+        schedule per group times the number of groups)."""
         left = cubic_decay(step, self.start_step, self.stop_step)
-        return [f + round((i - f) * left) for i, f in zip(self.initial_counts, self.final_counts)]
+        if self.structure is None:
+            return [
+                f + round((i - f) * left) for i, f in zip(self.initial_counts, self.final_counts)
+            ]
+        sizes = [group_counts(layer.mask, self.structure).numel() for layer in self.layers]
+        return [
+            g * (f // g + round((i - f) // g * left))
+            for i, f, g in zip(self.initial_counts, self.final_counts, sizes)
+        ]
+
+    def group_targets(self, index: int, layer: SparseLayer) -> Tensor | None:
+        if self.structure is None:
+            return None
+        count = self.target_counts(self.step_count)[index]
+        counts = group_counts(layer.mask, self.structure)
+        return torch.full_like(counts, count // counts.numel())
 
     def prune_counts(self, fraction: float) -> list[int]:
         targets = self.target_counts(self.step_count)
@@ -135,6 +187,8 @@ class GraNet(GMP):
 
     needs_dense_grad = True
     defaults = {**GMP.defaults, "drop_fraction": 0.5, "drop_schedule": "cosine"}
+    regrows = True
+    keeps_structure = False  # its regrowth counts are per layer, not per group
 
     def prune_counts(self, fraction: float) -> list[int]:
         targets = self.target_counts(self.step_count)

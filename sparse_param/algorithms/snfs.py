@@ -35,6 +35,7 @@ class SNFS(SparseScheduler):
     """
 
     defaults = {**SparseScheduler.defaults, "drop_fraction": 0.5}
+    keeps_structure = False  # redistributes across layers
 
     def __init__(
         self,

@@ -1,0 +1,147 @@
+"""SRigL, structured RigL (Lasby et al., "Dynamic Sparse Training with Structured
+Sparsity", ICLR 2024): constant fan-in RigL with neuron ablation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import SparseLayer
+from ..scheduler import check_real
+from ..structure import group_counts
+from .rigl import RigL
+
+
+class SRigL(RigL):
+    """Structured RigL: RigL on constant fan-in masks, with dynamic neuron ablation.
+
+    Needs a model sparsified with ``structure="fan_in"``. Every update, per layer
+    (Lasby et al. 2024, Sec. 4 and their code):
+
+    1. Saliency. With ``n`` the RigL drop count and ``A`` the active count, a weight is
+       *salient* if it is among the ``A − n`` largest ``|w|`` of the layer (it would be
+       kept) or among the ``n`` largest ``|dL/dW|`` of the dense gradient (it would be
+       grown).
+    2. Neuron ablation. A unit (output neuron / filter) with fewer than
+       ``max(1, int(γ_sal · k))`` salient weights is ablated: all its weights are pruned.
+       ``k`` is the layer's constant fan-in at ``sparsify`` (the authors' option of
+       comparing with the sparse, not the dense, fan-in), ``γ_sal = 0.3`` as in their
+       experiments. At least ``ceil(budget / fan_in)`` units stay (the most salient),
+       so the budget fits; the last layer is never ablated (the classifier's units are
+       the classes). An ablated unit returns at a later update if it becomes salient.
+    3. The budget is redistributed: every remaining unit gets fan-in
+       ``k' = budget // units_left``, so the layer keeps its budget up to the rounding to
+       whole units (``k' · units_left <= budget``). The budget is the layer's active count
+       when the scheduler is created, kept in :meth:`state_dict` (a load of the model
+       resets ``allocated`` to the loaded count, which ablation may have rounded down).
+    4. Prune the ``n`` smallest ``|w|`` of the layer (at least all of each ablated unit)
+       and regrow every remaining unit to ``k'`` where ``|dL/dW|`` is largest among its
+       positions inactive before the update (grown at zero), as RigL.
+
+    With ``gamma_sal=0`` no unit is ablated: constant fan-in RigL.
+
+    Args:
+        gamma_sal: γ_sal, the share of the constant fan-in a unit must keep salient.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        gamma_sal: float = 0.3,
+        **kwargs: Any,
+    ):
+        self.gamma_sal = check_real("SRigL", "gamma_sal", gamma_sal, 0, 1)
+        self._targets: list[Tensor | None] = []
+        self._grow: list[int] = []
+        self.budgets: list[int] = []
+        super().__init__(model, optimizer, **kwargs)
+
+    def setup(self) -> None:
+        wrong = [
+            layer.name
+            for layer, s in zip(self.layers, self.structures)
+            if s is None or s.kind != "fan_in"
+        ]
+        if wrong:
+            raise ValueError(
+                f"SRigL needs constant fan-in masks; layers {wrong[:5]} are not: "
+                f"sparsify(model, density, structure='fan_in')"
+            )
+        self.budgets = [layer.active for layer in self.layers]
+
+    def prune_counts(self, fraction: float) -> list[int]:
+        counts = super().prune_counts(fraction)
+        self._targets, self._grow = [], []
+        last = len(self.layers) - 1
+        for i, (layer, n) in enumerate(zip(self.layers, counts)):
+            active = group_counts(layer.mask, self.structures[i])
+            ablate = i != last and self.gamma_sal > 0
+            targets = self._ablate(layer, n, self.budgets[i]) if ablate else active
+            size = layer.mask[0].numel()
+            low = (active - targets).clamp(min=0)
+            high = active - (targets - (size - active)).clamp(min=0)
+            counts[i] = min(max(n, int(low.sum())), int(high.sum()))
+            self._targets.append(targets)
+            self._grow.append(int(targets.sum()) - layer.active + counts[i])
+        return counts
+
+    def _ablate(self, layer: SparseLayer, n: int, budget: int) -> Tensor:
+        """Per-unit target fan-in after neuron ablation: ``k'`` or 0."""
+        units, fan_in = layer.mask.shape[0], layer.mask[0].numel()
+        salient = torch.zeros(layer.numel, dtype=torch.bool, device=layer.mask.device)
+        keep = layer.active - n
+        salient[layer.weight.detach().abs().flatten().topk(keep, sorted=False).indices] = True
+        grad = layer.parametrization.dense_grad.abs().flatten()
+        salient[grad.topk(n, sorted=False).indices] = True
+        per_unit = salient.view(units, fan_in).sum(1)
+        threshold = max(1, int(self.gamma_sal * (budget // units)))
+        survive = per_unit >= threshold
+        fewest = math.ceil(budget / fan_in)
+        if int(survive.sum()) < fewest:  # keep the most salient units that fit the budget
+            order = per_unit.argsort(descending=True, stable=True)
+            survive = torch.zeros_like(survive)
+            survive[order[:fewest]] = True
+        k = budget // int(survive.sum())
+        return torch.where(survive, k, 0)
+
+    def group_targets(self, index: int, layer: SparseLayer) -> Tensor | None:
+        return self._targets[index]
+
+    def grow_counts(self, pruned: Sequence[int], capacity: Sequence[int]) -> list[int]:
+        return list(self._grow)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "budgets": list(self.budgets)}
+
+    def _check_state(self, state: Any) -> None:
+        super()._check_state(state)
+        budgets = state.get("budgets")
+        if not (
+            isinstance(budgets, list)
+            and len(budgets) == len(self.layers)
+            and all(
+                isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= layer.numel
+                for b, layer in zip(budgets, self.layers)
+            )
+        ):
+            raise ValueError(
+                f"SRigL.load_state_dict: budgets must be one int in [1, numel] per layer "
+                f"({len(self.layers)} layers), got {budgets!r}"
+            )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)  # checks the whole state, budgets included
+        self.budgets = [int(b) for b in state["budgets"]]
+
+    def ablated(self) -> dict[str, int]:
+        """Number of ablated units (no active input) of each layer."""
+        return {
+            layer.name: int((group_counts(layer.mask, s) == 0).sum())
+            for layer, s in zip(self.layers, self.structures)
+        }
