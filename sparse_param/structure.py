@@ -201,7 +201,7 @@ def select_grow(
     if bool((need > cand.sum(1)).any()) or bool((need < 0).any()):
         raise AssertionError("a group is asked to grow more than its inactive positions")
     if score is None:  # random keys from a permutation, as in random_mask
-        values = torch.randperm(cand.numel(), generator=generator).view(cand.shape).float()
+        values = torch.randperm(cand.numel(), generator=generator).view(cand.shape)
     else:
         values = groups(_finite(score), structure)
     order = _ranked(values.to(cand.device), cand, descending=True)

@@ -47,7 +47,9 @@ def sgd(model):
 
 def build(algorithm: str, mask_seed: int = 0, optimizer_kind: str = "sgd", **kw):
     """Model, optimizer, scheduler of ``algorithm`` with small test settings."""
-    model = helpers.build_model(density=0.5 if algorithm in PRUNING else 0.3, mask_seed=mask_seed)
+    density = 0.5 if algorithm in PRUNING else 0.3
+    structure = "fan_in" if algorithm == "srigl" else None  # SRigL needs constant fan-in
+    model = helpers.build_model(density=density, mask_seed=mask_seed, structure=structure)
     optimizer = helpers.OPTIMIZERS[optimizer_kind](model)
     cls = sp.ALGORITHMS[algorithm]
     if algorithm != "static":
