@@ -407,3 +407,15 @@ def test_semi_structured_export_checks_layout_on_cpu(snapshot, assert_untouched)
     assert_untouched(unstructured, snap)
     with pytest.raises(ValueError, match="unknown format"):
         sp.to_sparse(model, format="bsr")
+
+
+def test_structure_with_sparse_compute_gives_the_same_masks():
+    runs = []
+    for compute in ("dense", "sparse"):
+        model = helpers.build_model(density=0.2, structure="fan_in", compute=compute)
+        optimizer = helpers.OPTIMIZERS["sgd"](model)
+        sp.SRigL(model, optimizer, total_steps=30, update_interval=2, stop=1.0)
+        train(model, optimizer, range(30))
+        assert_structure(model, "fan_in")
+        runs.append(helpers.masks(model))
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
