@@ -8,8 +8,8 @@ Run as a script by tests/test_timm_sequence.py, one process per phase:
 Each phase runs two variants of the epoch loop and writes OUT/<variant>/<phase>.pt with
 the masks, weights and EMA masks it ended with:
     "upstream": train.py as it is; the global RNG is seeded once, at start-up.
-    "reseeded": the README's fix; ``utils.random_seed(seed + epoch, rank)`` at the start
-        of every epoch, so a resumed run draws the same dropout masks.
+    "reseeded": the README's fix; ``utils.random_seed(seed + epoch * world_size, rank)``
+        at the start of every epoch, so a resumed run draws the same dropout masks.
 The model has dropout, so the variants differ exactly where the global RNG matters.
 """
 
@@ -33,7 +33,7 @@ SEED = 42
 EPOCHS = 4
 UPDATES_PER_EPOCH = 3  # RigL updates every 2 steps: at steps 2, 4, 6 | 8 (T_end = 9)
 VARIANTS = ("upstream", "reseeded")
-args = argparse.Namespace(model="resnet18", seed=SEED)  # what CheckpointSaver records
+args = argparse.Namespace(model="resnet18", seed=SEED, world_size=1)  # saved by CheckpointSaver
 
 
 def build(mask_seed: int):
@@ -45,8 +45,8 @@ def build(mask_seed: int):
     task = ClassificationTask(model=model, criterion=nn.CrossEntropyLoss(), verbose=False)
     model = task.get_trainable_module()
     optimizer = create_optimizer_v2(model, "sgd", lr=0.05, momentum=0.9, weight_decay=1e-4)
-    # 2. before the resume; the length is an estimate until create_scheduler_v2 has run
-    rigl = sp.RigL(model, optimizer, total_steps=2 * EPOCHS * UPDATES_PER_EPOCH, update_interval=2)
+    # 2. before the resume; total_steps=1 is the placeholder until create_scheduler_v2
+    rigl = sp.RigL(model, optimizer, total_steps=1, update_interval=2)
     loss_scaler = utils.NativeScaler(device="cpu")
     return task, model, optimizer, rigl, loss_scaler
 
@@ -100,7 +100,7 @@ def run(phase: str, variant: str, out: Path) -> None:
     end_epoch = num_epochs // 2 if phase == "first" else num_epochs
     for epoch in range(start_epoch, end_epoch):
         if variant == "reseeded":
-            utils.random_seed(SEED + epoch, 0)
+            utils.random_seed(args.seed + epoch * args.world_size, 0)
         train_one_epoch(epoch, task, model, optimizer, loss_scaler)
         saver.save_checkpoint(epoch, metric=0.0)
         lr_scheduler.step(epoch + 1)
