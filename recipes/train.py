@@ -370,9 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--sparse-init",
-        action="store_true",
-        default=False,
-        help="rescale each unit's init to its active fan-in (Evci et al.)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="rescale each unit's init to its active fan-in (Evci et al.; sparsify's "
+        "default); --no-sparse-init keeps the model's own init",
     )
     g.add_argument(
         "--dsr-threshold", type=float, default=1e-3, help="DSR: initial global pruning threshold H"
@@ -1278,6 +1279,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         if not args.no_plots:
             make_plots(args, model, output_dir)
+        for path in write_plain_weights(model, model_ema, output_dir):
+            _logger.info(f"Plain weights for timm's validate.py --checkpoint: {path}")
         if sparse:
             print(sparse_param.summary(model))
         else:
@@ -1288,6 +1291,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def write_plain_weights(model: nn.Module, model_ema, output_dir: Path) -> list[Path]:
+    """Write the final weights (and the EMA's) in timm's plain layout:
+    ``model_plain.safetensors`` / ``model_ema_plain.safetensors``, which timm's
+    ``validate.py --checkpoint`` and ``create_model(pretrained_cfg_overlay=dict(file=...))``
+    load unmodified. Returns the paths written; a model with weight-standardized sparse
+    convolutions has no plain form (their sparse weight exists only after
+    standardization): warn and keep the sparse checkpoints only."""
+    nets = {"model_plain": model, "model_ema_plain": model_ema and model_ema.module}
+    written = []
+    for name, net in nets.items():
+        if net is None:
+            continue
+        path = output_dir / f"{name}.safetensors"
+        try:
+            sparse_param.save_safetensors(net, path)
+        except ValueError as error:
+            _logger.warning(f"No {path.name}: {error}")
+            continue
+        written.append(path)
+    return written
 
 
 def make_plots(args: argparse.Namespace, model: nn.Module, output_dir: Path) -> None:

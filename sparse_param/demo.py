@@ -44,6 +44,7 @@ class DemoConfig:
     weight_decay: float = 5e-4
     update_interval: int = 100
     drop_fraction: float = 0.5
+    sparse_init: bool = True  # sparsify's default: init rescaled to the active fan-in
     seeds: Sequence[int] = (0, 1, 2)
     compute: str = "dense"  # kernels of the sparse runs: "dense", "sparse" or "auto"
 
@@ -97,7 +98,7 @@ def train_one(
     if method != "dense":
         # GMP prunes from dense; GraNet from density 0.5, the paper's sparse start.
         start = {"gmp": 1.0, "granet": 0.5}.get(method, config.density)
-        sparsify(model, start, seed=seed, compute=config.compute)
+        sparsify(model, start, seed=seed, sparse_init=config.sparse_init, compute=config.compute)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
@@ -179,7 +180,8 @@ def format_table(results: Sequence[RunResult], config: DemoConfig) -> str:
     the mean wall-clock training time per run."""
     lines = [
         f"LeNet-300-100, MNIST-5k (4000 train / 1000 test), density {config.density}, "
-        f"{config.epochs} epochs, seeds {list(config.seeds)}, compute {config.compute!r}",
+        f"{config.epochs} epochs, seeds {list(config.seeds)}, compute {config.compute!r}, "
+        f"sparse_init={config.sparse_init}",
         "",
         "| method | test accuracy (%) | final R_s | density | training FLOPs vs dense "
         "| training time (s) |",
@@ -225,6 +227,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--density", type=float, default=DemoConfig.density)
     parser.add_argument("--update-interval", type=int, default=DemoConfig.update_interval)
+    parser.add_argument(
+        "--no-sparse-init",
+        dest="sparse_init",
+        action="store_false",
+        help="keep the dense init of the active weights (sparsify(sparse_init=False))",
+    )
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
     parser.add_argument(
         "--compute", default=DemoConfig.compute, choices=("dense", "sparse", "auto")
@@ -236,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         density=args.density,
         epochs=args.epochs,
         update_interval=args.update_interval,
+        sparse_init=args.sparse_init,
         seeds=tuple(args.seeds),
         compute=args.compute,
     )

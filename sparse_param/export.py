@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -163,19 +167,132 @@ def save_safetensors(model: nn.Module, path, metadata: Mapping[str, str] | None 
             f"their sparse weight exists only after standardization and a plain checkpoint "
             f"cannot hold it; save model.state_dict() (with its masks) with torch.save instead"
         )
-    tensors: dict[str, Tensor] = {}
-    seen: set[tuple[torch.device, int]] = set()
-    for key, value in dense_state_dict(model.state_dict()).items():
+    state_dict = dense_state_dict(model.state_dict())
+    for key, value in state_dict.items():
         if not isinstance(value, Tensor):
             raise ValueError(
                 f"save_safetensors: state dict entry {key!r} is a {type(value).__name__}, "
                 f"not a tensor; safetensors holds tensors only"
             )
+    save_file(_unshared(state_dict), path, metadata={"format": "pt", **(metadata or {})})
+
+
+def _unshared(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Detached contiguous tensors, each in full where several share memory (tied
+    weights): safetensors refuses shared storage, and every key must be in the file."""
+    tensors: dict[str, Tensor] = {}
+    seen: set[tuple[torch.device, int]] = set()
+    for key, value in state_dict.items():
         value = value.detach()
         storage = (value.device, value.untyped_storage().data_ptr())
         if storage in seen and value.numel():
-            value = value.clone()  # tied weights: write each key in full
+            value = value.clone()
         else:
             seen.add(storage)
         tensors[key] = value.contiguous()
-    save_file(tensors, path, metadata={"format": "pt", **(metadata or {})})
+    return tensors
+
+
+# ------------------------------------------------------------- python -m sparse_param.export
+
+_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def plain_state_dict(checkpoint: Mapping[str, Any], ema: bool = False) -> dict[str, Tensor]:
+    """The plain (timm-loadable) state dict of a sparse checkpoint.
+
+    Args:
+        checkpoint: a training checkpoint as timm's ``CheckpointSaver`` writes it (the
+            model under ``"state_dict"``, its EMA under ``"state_dict_ema"``; the older
+            ``"model"`` / ``"model_ema"`` keys work too), or a sparse model's state dict.
+        ema: take the EMA weights instead of the model's.
+
+    Returns:
+        ``dense_state_dict`` of the chosen state dict, with DDP's ``module.`` and
+        ``torch.compile``'s ``_orig_mod.`` prefixes removed: masked weights under plain
+        ``weight`` keys, no masks, every value a tensor.
+
+    Raises:
+        ValueError: the checkpoint has no (EMA) state dict, holds non-tensor values
+            there, or is not sparse (then it loads into timm as it is).
+    """
+    keys = ("state_dict_ema", "model_ema") if ema else ("state_dict", "model")
+    found = next((k for k in keys if isinstance(checkpoint.get(k), Mapping)), None)
+    if found is not None:
+        state_dict = checkpoint[found]
+    elif ema or any(not isinstance(v, Tensor) for v in checkpoint.values()):
+        raise ValueError(
+            f"the checkpoint has no {' or '.join(map(repr, keys))} state dict "
+            f"(top-level keys: {sorted(checkpoint)[:12]})"
+            + ("; drop --ema to convert the model's weights" if ema else "")
+        )
+    else:
+        state_dict = checkpoint  # a bare state dict
+    bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(f"state dict entries {bad[:5]} are not tensors")
+    if not is_sparse_state_dict(state_dict):
+        raise ValueError(
+            "the checkpoint holds no sparse layers (no '*.parametrizations.weight.0.mask' "
+            "keys): timm loads it as it is, nothing to convert"
+        )
+    plain = {}
+    for key, value in dense_state_dict(state_dict).items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        plain[key] = value
+    return plain
+
+
+def save_plain(state_dict: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """Write a plain state dict to ``path``: safetensors for ``.safetensors``, else
+    ``torch.save`` (``.pth``, ``.pt``, ``.bin``)."""
+    path = Path(path)
+    if path.suffix not in _SUFFIXES:
+        raise ValueError(f"{path}: unknown format; name the file {' or '.join(_SUFFIXES)}")
+    tensors = _unshared(state_dict)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file  # optional dependency: sparse_param[export]
+
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    else:
+        torch.save(tensors, path)
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> Any:
+    """``torch.load`` on CPU with ``weights_only=True``; timm's training checkpoints hold
+    the run's ``argparse.Namespace``, which is allowed explicitly."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m sparse_param.export CKPT OUT [--ema]``: write the plain weights of a
+    sparse checkpoint, for timm's ``validate.py --checkpoint OUT`` and
+    ``create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=OUT))``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sparse_param.export",
+        description="Convert a sparse checkpoint (timm .pth.tar or a state dict) into the "
+        "plain state dict timm's validate.py and create_model load unmodified.",
+    )
+    parser.add_argument("checkpoint", help="sparse checkpoint: timm .pth.tar or a state dict")
+    parser.add_argument("out", help=f"plain state dict to write ({', '.join(_SUFFIXES)})")
+    parser.add_argument(
+        "--ema", action="store_true", help="convert the EMA weights ('state_dict_ema')"
+    )
+    args = parser.parse_args(argv)
+    if Path(args.out).suffix not in _SUFFIXES:
+        parser.error(f"OUT {args.out}: name the file {' or '.join(_SUFFIXES)}")
+    try:
+        checkpoint = load_checkpoint_file(args.checkpoint)
+        if not isinstance(checkpoint, Mapping):
+            raise ValueError(f"holds a {type(checkpoint).__name__}, not a checkpoint dict")
+        plain = plain_state_dict(checkpoint, ema=args.ema)
+    except (OSError, ValueError, RuntimeError) as error:
+        parser.error(f"CKPT {args.checkpoint}: {error}")
+    save_plain(plain, args.out)
+    print(f"wrote {args.out}: {len(plain)} tensors, plain timm layout")
+
+
+if __name__ == "__main__":
+    main()

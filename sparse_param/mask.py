@@ -113,6 +113,17 @@ class SparseMask(nn.Module):
         active = int(self.mask.count_nonzero())
         return f"shape={tuple(self.mask.shape)}, active={active}/{self.mask.numel()}"
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule before compiling any; refusing
+        # here leaves the model untouched, instead of TorchScript's "Unknown type
+        # annotation" from deep inside the parametrization machinery.
+        raise RuntimeError(
+            "torch.jit.script: the model is sparse, and TorchScript cannot compile its "
+            "masking parametrizations. Script a finalized copy instead: "
+            "m = sparse_param.finalize(copy.deepcopy(model)); torch.jit.script(m). "
+            "(torch.compile works on the sparse model itself.)"
+        )
+
 
 @torch.no_grad()
 def zero_inactive_after_load(parametrizations: nn.Module, incompatible_keys: object) -> None:

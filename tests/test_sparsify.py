@@ -144,33 +144,46 @@ def reference_output(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -
     if isinstance(module, nn.Linear):
         return F.linear(x, weight, module.bias)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[weight.dim() - 2]
-    return conv(x, weight, module.bias, module.stride, module.padding, module.dilation,
-                module.groups)
+    return conv(
+        x, weight, module.bias, module.stride, module.padding, module.dilation, module.groups
+    )
 
 
 # --------------------------------------------------------------------- sparsify: state
 
 
-@given(stacks, densities, distributions, seeds, seeds)
+@given(stacks, densities, distributions, seeds, seeds, st.booleans())
 def test_sparsify_invariants_and_exact_counts(
-    check_invariants, snapshot, assert_untouched, layer_specs, d, distribution, seed, init
+    check_invariants,
+    snapshot,
+    assert_untouched,
+    layer_specs,
+    d,
+    distribution,
+    seed,
+    init,
+    sparse_init,
 ):
     model = build(layer_specs, init)
     shapes = target_shapes(model)
     if not feasible(shapes, d):
         snap = snapshot(model)
         with pytest.raises(ValueError, match="every layer needs at least one"):
-            sparsify(model, d, distribution=distribution, seed=seed)
+            sparsify(model, d, distribution=distribution, seed=seed, sparse_init=sparse_init)
         assert_untouched(model, snap)
         return
-    dense = {name: m.weight.detach().clone() for name, m in model.named_modules()
-             if isinstance(m, TARGET_TYPES)}
+    dense = {
+        name: m.weight.detach().clone()
+        for name, m in model.named_modules()
+        if isinstance(m, TARGET_TYPES)
+    }
     target_ids = {id(m.weight) for m in model.modules() if isinstance(m, TARGET_TYPES)}
-    others = {k: v.detach().clone() for k, v in model.named_parameters()
-              if id(v) not in target_ids}
+    others = {k: v.detach().clone() for k, v in model.named_parameters() if id(v) not in target_ids}
     counts = allocate(shapes, d, distribution)
 
-    assert sparsify(model, d, distribution=distribution, seed=seed) is model
+    assert (
+        sparsify(model, d, distribution=distribution, seed=seed, sparse_init=sparse_init) is model
+    )
 
     check_invariants(model, counts)
     layers = list(sparse_layers(model))
@@ -179,7 +192,17 @@ def test_sparsify_invariants_and_exact_counts(
         assert isinstance(layer.parametrization, SparseMask)
         assert type(layer.module).__bases__[0] in TARGET_TYPES
         assert torch.equal(layer.ever_active, layer.mask)
-        assert torch.equal(layer.weight[layer.mask], dense[layer.name][layer.mask])
+        if sparse_init:  # each unit scaled to its active fan-in (the default)
+            fan_in = layer.mask[0].numel()
+            active = layer.mask.flatten(1).sum(1, keepdim=True)
+            factor = (fan_in / active.clamp(min=1).double()).sqrt()
+            factor = factor.view(-1, *[1] * (layer.mask.dim() - 1)).expand_as(layer.mask)
+            expected = dense[layer.name].double() * factor
+            assert torch.allclose(
+                layer.weight[layer.mask].double(), expected[layer.mask], rtol=1e-6, atol=0
+            )
+        else:  # the active weights are the model's own, bit for bit
+            assert torch.equal(layer.weight[layer.mask], dense[layer.name][layer.mask])
         assert layer.parametrization.allocated == counts[layer.name]
     assert sum(counts.values()) == round(d * numel(shapes))
     assert density(model) == sum(counts.values()) / numel(shapes)
@@ -224,9 +247,7 @@ def test_gradient_of_stored_weight_is_masked_dense_gradient(
 
 
 @given(stacks, seeds, seeds, seeds)
-def test_same_seed_same_masks_different_seed_different_masks(
-    layer_specs, seed, init_a, init_b
-):
+def test_same_seed_same_masks_different_seed_different_masks(layer_specs, seed, init_a, init_b):
     d = 0.3
     a, b = build(layer_specs, init_a), build(layer_specs, init_b)
     if not feasible(target_shapes(a), d):
@@ -245,9 +266,7 @@ def test_same_seed_same_masks_different_seed_different_masks(
     other = build(layer_specs, init_a)
     sparsify(other, d, seed=seed + 1)
     # Only insist on a difference when a collision is astronomically unlikely.
-    log_choices = sum(
-        math.log(math.comb(layer.numel, layer.active)) for layer in sparse_layers(a)
-    )
+    log_choices = sum(math.log(math.comb(layer.numel, layer.active)) for layer in sparse_layers(a))
     if log_choices > 40:
         mo = masks_of(other)
         assert any(not torch.equal(ma[k], mo[k]) for k in ma)
@@ -451,8 +470,8 @@ def test_sparse_init_rescales_to_active_fan_in():
         torch.manual_seed(5)
         return nn.Sequential(nn.Linear(30, 20), nn.Conv2d(4, 6, 3))
 
-    plain = sparsify(make(), 0.2, seed=5)
-    scaled = sparsify(make(), 0.2, seed=5, sparse_init=True)
+    plain = sparsify(make(), 0.2, seed=5, sparse_init=False)
+    scaled = sparsify(make(), 0.2, seed=5)  # the default
     for a, b in zip(sparse_layers(plain), sparse_layers(scaled)):
         assert torch.equal(a.mask, b.mask)
         fan_in = a.mask[0].numel()

@@ -18,7 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+
+from sparse_param import dense_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "recipes" / "train.py"
@@ -170,6 +173,8 @@ def test_train_then_resume_is_exact(mnist_folder, tmp_path):
         "sparse_history.json",
         "training_curves.png",
         "layer_density.png",
+        "model_plain.safetensors",
+        "model_ema_plain.safetensors",
     ):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -186,6 +191,12 @@ def test_train_then_resume_is_exact(mnist_folder, tmp_path):
     # masks moved during epoch 1, so a resume that lost them could not match below
     assert any(not torch.equal(first["state_dict"][k], reference["state_dict"][k]) for k in masks)
     shutil.copy(run_dir / "checkpoint-1.pth.tar", tmp_path / "reference.pth.tar")
+    # the plain weights load into a fresh timm model as validate.py loads them (strict)
+    for name, part in (("model_plain", "state_dict"), ("model_ema_plain", "state_dict_ema")):
+        fresh = timm.create_model("resnet18", num_classes=10, in_chans=1)
+        timm.models.load_checkpoint(fresh, str(run_dir / f"{name}.safetensors"))
+        plain = dense_state_dict(reference[part])
+        assert all(torch.equal(v, plain[k]) for k, v in fresh.state_dict().items()), name
 
     # -- resume from the epoch-0 checkpoint into the same directory, train epoch 1 again
     proc = _run([*args, "--resume", str(run_dir / "checkpoint-0.pth.tar")], cwd=tmp_path)
@@ -349,6 +360,8 @@ def test_rejects_download_datasets_and_missing_splits(tmp_path):
 def test_sparse_flags():
     args, _ = train.parse_args(["d", "--dense-first-last", "--sparse-method", "granet"])
     assert args.data_dir == "d" and args.dense_first and args.dense_last
+    assert args.sparse_init  # sparsify's default
+    assert not train.parse_args(["d", "--no-sparse-init"])[0].sparse_init
     with pytest.raises(SystemExit):
         train.parse_args(["d", "--sparse-method", "magic"])
     with pytest.raises(SystemExit):

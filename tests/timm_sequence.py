@@ -1,57 +1,117 @@
-"""The sequence timm's train.py runs, with sparse_param's lines added (see README).
+"""The sequence timm's upstream train.py runs (Task API, timm >= 1.0.28), with
+sparse_param's lines where the README puts them.
 
 Run as a script by tests/test_timm_sequence.py, one process per phase:
-    python timm_sequence.py full   OUT   # 2 × STEPS steps uninterrupted
-    python timm_sequence.py first  OUT   # STEPS steps, then CheckpointSaver
-    python timm_sequence.py resume OUT   # fresh process: resume_checkpoint, STEPS more
-Each phase writes OUT/<phase>.pt with the masks, weights and EMA masks it ended with.
+    python timm_sequence.py full   OUT   # EPOCHS epochs uninterrupted
+    python timm_sequence.py first  OUT   # EPOCHS // 2 epochs, CheckpointSaver after each
+    python timm_sequence.py resume OUT   # fresh process: resume_task_checkpoint, the rest
+Each phase runs two variants of the epoch loop and writes OUT/<variant>/<phase>.pt with
+the masks, weights and EMA masks it ended with:
+    "upstream": train.py as it is; the global RNG is seeded once, at start-up.
+    "reseeded": the README's fix; ``utils.random_seed(seed + epoch * world_size, rank)``
+        at the start of every epoch, so a resumed run draws the same dropout masks.
+The model has dropout, so the variants differ exactly where the global RNG matters.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
+from timm import utils
 from timm.optim import create_optimizer_v2
-from timm.utils import CheckpointSaver, ModelEmaV3, NativeScaler
+from timm.scheduler import create_scheduler_v2
+from timm.task import ClassificationTask, load_task_ema_checkpoint, resume_task_checkpoint
+from torch import nn
 
 import sparse_param as sp
 
-STEPS = 4  # per phase; RigL updates every 2 steps, so each phase crosses two updates
+SEED = 42
+EPOCHS = 4
+UPDATES_PER_EPOCH = 3  # RigL updates every 2 steps: at steps 2, 4, 6 | 8 (T_end = 9)
+VARIANTS = ("upstream", "reseeded")
+args = argparse.Namespace(model="resnet18", seed=SEED, world_size=1)  # saved by CheckpointSaver
 
 
-def build(seed: int):
-    torch.manual_seed(0)
-    model = timm.create_model("resnet18", num_classes=10)
-    with torch.no_grad():  # train.py's --head-init-scale, here after sparsify
-        sp.sparsify(model, density=0.1, seed=seed)
+def build(mask_seed: int):
+    """train.py from create_model to the EMA, in its order, with the README's lines."""
+    model = timm.create_model("resnet18", num_classes=10, drop_rate=0.25)
+    with torch.no_grad():  # --head-init-scale
         model.get_classifier().weight.mul_(0.5)
+    sp.sparsify(model, density=0.1, seed=mask_seed)  # 1. after create_model, head init
+    task = ClassificationTask(model=model, criterion=nn.CrossEntropyLoss(), verbose=False)
+    model = task.get_trainable_module()
     optimizer = create_optimizer_v2(model, "sgd", lr=0.05, momentum=0.9, weight_decay=1e-4)
-    rigl = sp.RigL(model, optimizer, total_steps=4 * STEPS, update_interval=2)
-    ema = ModelEmaV3(model, decay=0.9)
-    scaler = NativeScaler(device="cpu")
-    return model, optimizer, rigl, ema, scaler
+    # 2. before the resume; total_steps=1 is the placeholder until create_scheduler_v2
+    rigl = sp.RigL(model, optimizer, total_steps=1, update_interval=2)
+    loss_scaler = utils.NativeScaler(device="cpu")
+    return task, model, optimizer, rigl, loss_scaler
 
 
-def train(model, optimizer, ema, scaler, first_step: int, steps: int) -> None:
+def train_one_epoch(epoch: int, task, model, optimizer, loss_scaler) -> None:
+    """train_one_epoch's update path: task forward, scaler step, zero_grad, EMA update."""
     model.train()
-    for step in range(first_step, first_step + steps):
-        data = torch.Generator().manual_seed(step)
+    optimizer.zero_grad()
+    for i in range(UPDATES_PER_EPOCH):
+        num_updates = epoch * UPDATES_PER_EPOCH + i
+        data = torch.Generator().manual_seed(num_updates)
         x = torch.randn(4, 3, 32, 32, generator=data)
         y = torch.randint(0, 10, (4,), generator=data)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x), y)
+            loss = task(x, y)["loss"]
+        loss_scaler(loss, optimizer)
         optimizer.zero_grad()
-        scaler(loss, optimizer)
-        ema.update(model, step=step)
+        task.update_ema(step=num_updates + 1)
 
 
-def snapshot(model, ema, rigl) -> dict:
+def run(phase: str, variant: str, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "last.pth.tar"
+    utils.random_seed(SEED, 0)  # train.py's start-up
+    # A resumed run starts from other masks: they must come back from the checkpoint.
+    task, model, optimizer, rigl, loss_scaler = build(mask_seed=1 if phase == "resume" else 0)
+    resume_epoch = None
+    if phase == "resume":
+        resume_epoch = resume_task_checkpoint(
+            task, str(checkpoint), optimizer=optimizer, loss_scaler=loss_scaler, log_info=False
+        )
+    task.setup_ema(decay=0.9)
+    if phase == "resume":
+        load_task_ema_checkpoint(task, str(checkpoint))
+    saver = utils.CheckpointSaver(
+        model=model,
+        optimizer=optimizer,
+        args=args,
+        amp_scaler=loss_scaler,
+        checkpoint_dir=str(out),
+        recovery_dir=str(out),
+        task=task,
+    )
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, "cosine", num_epochs=EPOCHS, updates_per_epoch=UPDATES_PER_EPOCH
+    )
+    rigl.total_steps = num_epochs * UPDATES_PER_EPOCH  # 3. after create_scheduler_v2
+    start_epoch = resume_epoch or 0
+    if start_epoch > 0:
+        lr_scheduler.step(start_epoch)
+    end_epoch = num_epochs // 2 if phase == "first" else num_epochs
+    for epoch in range(start_epoch, end_epoch):
+        if variant == "reseeded":
+            utils.random_seed(args.seed + epoch * args.world_size, 0)
+        train_one_epoch(epoch, task, model, optimizer, loss_scaler)
+        saver.save_checkpoint(epoch, metric=0.0)
+        lr_scheduler.step(epoch + 1)
+    torch.save(
+        snapshot(model, task.get_trainable_module(ema=True).module, rigl), out / f"{phase}.pt"
+    )
+
+
+def snapshot(model: nn.Module, ema: nn.Module, rigl: sp.SparseScheduler) -> dict:
     live = {layer.name: layer for layer in sp.sparse_layers(model)}
-    averaged = {layer.name: layer for layer in sp.sparse_layers(ema.module)}
+    averaged = {layer.name: layer for layer in sp.sparse_layers(ema)}
     return {
         "masks": {n: layer.mask.clone() for n, layer in live.items()},
         "ever_active": {n: layer.ever_active.clone() for n, layer in live.items()},
@@ -66,27 +126,11 @@ def snapshot(model, ema, rigl) -> dict:
 
 
 def main(phase: str, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if phase == "full":
-        model, optimizer, rigl, ema, scaler = build(seed=0)
-        train(model, optimizer, ema, scaler, 0, 2 * STEPS)
-    elif phase == "first":
-        model, optimizer, rigl, ema, scaler = build(seed=0)
-        train(model, optimizer, ema, scaler, 0, STEPS)
-        saver = CheckpointSaver(
-            model, optimizer, model_ema=ema, amp_scaler=scaler, checkpoint_dir=str(out),
-            recovery_dir=str(out),
-        )
-        saver.save_checkpoint(epoch=0, metric=0.0)
-    elif phase == "resume":
-        model, optimizer, rigl, ema, scaler = build(seed=1)  # other masks: must be restored
-        timm.models.resume_checkpoint(model, str(out / "last.pth.tar"), optimizer, scaler)
-        checkpoint = torch.load(out / "last.pth.tar", map_location="cpu", weights_only=True)
-        ema.module.load_state_dict(checkpoint["state_dict_ema"])
-        train(model, optimizer, ema, scaler, STEPS, STEPS)
-    else:
+    if phase not in ("full", "first", "resume"):
         raise SystemExit(f"unknown phase {phase!r}")
-    torch.save(snapshot(model, ema, rigl), out / f"{phase}.pt")
+    torch.set_num_threads(1)
+    for variant in VARIANTS:
+        run(phase, variant, out / variant)
 
 
 if __name__ == "__main__":
