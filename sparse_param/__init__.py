@@ -1,7 +1,5 @@
 """sparse_param: sparse-from-scratch training for any PyTorch model."""
 
-import warnings
-
 from . import compute, models, plots  # models: registers the papers' architectures with timm
 from .algorithms import ALGORITHMS, DSR, GMP, SET, SNFS, GraNet, RigL, SRigL, Static
 from .allocation import allocate, apportion
@@ -29,12 +27,6 @@ from .metrics import (
 )
 from .scheduler import SparseScheduler, attached_scheduler
 from .sparsify import rescale_to_active_fan_in, sparsify
-
-# `python -m sparse_param.export` runs a module this package has already imported, which
-# runpy warns about; harmless here (the command uses only that module's own functions).
-warnings.filterwarnings(
-    "ignore", r"'sparse_param\.export' found in sys\.modules", RuntimeWarning, "runpy"
-)
 
 __all__ = [
     "ALGORITHMS",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .checkpoint import check_state_dict
-from .compute import remove_sparse_compute
-from .layers import sparse_layers
-from .scheduler import attached_scheduler
-from .standardized import is_standardized
+from ..checkpoint import check_state_dict
+from ..compute import remove_sparse_compute
+from ..layers import sparse_layers
+from ..scheduler import attached_scheduler
+from ..standardized import is_standardized
 
 _ORIGINAL = "parametrizations.weight.original"
 _MASK = "parametrizations.weight.0.mask"
@@ -157,7 +157,7 @@ def save_safetensors(model: nn.Module, path, metadata: Mapping[str, str] | None 
     """
     from safetensors.torch import save_file  # optional dependency: sparse_param[export]
 
-    from .layers import unwrap
+    from ..layers import unwrap
 
     model = unwrap(model)
     standardized = [layer.name for layer in sparse_layers(model) if is_standardized(layer.module)]
@@ -264,35 +264,3 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
     the run's ``argparse.Namespace``, which is allowed explicitly."""
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m sparse_param.export CKPT OUT [--ema]``: write the plain weights of a
-    sparse checkpoint, for timm's ``validate.py --checkpoint OUT`` and
-    ``create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=OUT))``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m sparse_param.export",
-        description="Convert a sparse checkpoint (timm .pth.tar or a state dict) into the "
-        "plain state dict timm's validate.py and create_model load unmodified.",
-    )
-    parser.add_argument("checkpoint", help="sparse checkpoint: timm .pth.tar or a state dict")
-    parser.add_argument("out", help=f"plain state dict to write ({', '.join(_SUFFIXES)})")
-    parser.add_argument(
-        "--ema", action="store_true", help="convert the EMA weights ('state_dict_ema')"
-    )
-    args = parser.parse_args(argv)
-    if Path(args.out).suffix not in _SUFFIXES:
-        parser.error(f"OUT {args.out}: name the file {' or '.join(_SUFFIXES)}")
-    try:
-        checkpoint = load_checkpoint_file(args.checkpoint)
-        if not isinstance(checkpoint, Mapping):
-            raise ValueError(f"holds a {type(checkpoint).__name__}, not a checkpoint dict")
-        plain = plain_state_dict(checkpoint, ema=args.ema)
-    except (OSError, ValueError, RuntimeError) as error:
-        parser.error(f"CKPT {args.checkpoint}: {error}")
-    save_plain(plain, args.out)
-    print(f"wrote {args.out}: {len(plain)} tensors, plain timm layout")
-
-
-if __name__ == "__main__":
-    main()
