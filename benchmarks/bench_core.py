@@ -8,6 +8,11 @@
     sparse layers; the model's total parameter + buffer bytes before and after
     ``sparsify``; no dense-sized tensor kept on the SparseMask between steps.
 (c) ``sparsify`` time on vit_base_patch16_224 (a fresh model per run, median).
+(d) CPU time of the elementwise mask work per step, the library's and reference forms.
+(e) Training step time at CIFAR size, where the papers train and the per-step mask work
+    (O(weights)) weighs most against the small compute: timm resnet18 (10 classes) at
+    32 px, batch 32, density 0.1 (ERK), SGD momentum with weight decay, RigL attached
+    and between updates; dense vs sparse_param, timed in turn as in (a).
 
 Run: python benchmarks/bench_core.py [--repeats 15] [--warmup 3] [--sparsify-runs 5]
 The machine may be shared and noisy: compare the ratios, not the absolute times.
@@ -67,7 +72,7 @@ def make_resnet(seed: int = 0) -> nn.Module:
 
 
 def bench_steps(args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
-    """Per model, (wall, process CPU) seconds of each timed step."""
+    """(a): per model, (wall, process CPU) seconds of each timed step."""
     dense = make_resnet()
     sparse = sparsify(make_resnet(), args.density)
     naive = naive_sparsify(make_resnet(), sparse)
@@ -79,6 +84,43 @@ def bench_steps(args: argparse.Namespace) -> dict[str, list[tuple[float, float]]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g)
     y = torch.randint(0, 1000, (args.batch,), generator=g)
+    return time_steps(models, opts, x, y, sparse, args)
+
+
+def bench_cifar_steps(args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
+    """(e): resnet18 at 32 px with RigL attached, between updates; as (a)."""
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model("resnet18", pretrained=False, num_classes=10)
+
+    models = {"dense": make(), "sparse_param": sparsify(make(), 0.1)}
+    opts = {
+        k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        for k, m in models.items()
+    }
+    # The first update would be at step 10^5: every timed step is between updates.
+    scheduler = sparse_param.RigL(
+        models["sparse_param"], opts["sparse_param"], total_steps=10**6, update_interval=10**5
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (32,), generator=g)
+    times = time_steps(models, opts, x, y, models["sparse_param"], args)
+    assert not scheduler.history, "a topology update ran inside the timed steps"
+    return times
+
+
+def time_steps(
+    models: dict[str, nn.Module],
+    opts: dict[str, torch.optim.Optimizer],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sparse: nn.Module,
+    args: argparse.Namespace,
+) -> dict[str, list[tuple[float, float]]]:
+    """Per model, (wall, process CPU) seconds of each timed step, the models stepped in
+    turn (order rotated every round); checks the sparse invariants of ``sparse``."""
     masks = [layer.parametrization for layer in sparse_layers(sparse)]
 
     def step(name: str) -> tuple[float, float]:
@@ -94,7 +136,7 @@ def bench_steps(args: argparse.Namespace) -> dict[str, list[tuple[float, float]]
     began = time.perf_counter()
     for r in range(args.warmup + args.repeats):
         if r >= args.warmup + 5 and time.perf_counter() - began > args.max_seconds:
-            print(f"(a) stopped after {r - args.warmup} rounds: --max-seconds reached")
+            print(f"stopped after {r - args.warmup} rounds: --max-seconds reached")
             break
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
@@ -113,7 +155,7 @@ def bench_mask_ops(args: argparse.Namespace) -> dict[str, float]:
     """CPU ms per training step of the elementwise work each masking form adds, on
     resnet50's sparse weights: what the step-time difference is made of. The library
     rows call the library's own code, so they follow its changes."""
-    from sparse_param.mask import _MaskedGrad
+    from sparse_param.mask import SparseMask, zero_where_inactive_
 
     model = sparsify(make_resnet(), args.density)
     layers = list(sparse_layers(model))
@@ -121,30 +163,46 @@ def bench_mask_ops(args: argparse.Namespace) -> dict[str, float]:
     weights = [layer.weight.detach().clone() for layer in layers]
     leaves = [w.clone().requires_grad_() for w in weights]
     masks = [layer.mask for layer in layers]
+    leaf_masks = [SparseMask(m) for m in masks]  # one per leaf: it hooks its weight
     bytes_ = [m.view(torch.uint8) for m in masks]
+    inverse = [~m for m in masks]
     fmasks = [m.float() for m in masks]
     grads = [torch.randn_like(w) for w in weights]
     zero = torch.zeros(())
 
     def library_backward() -> None:
-        for leaf, m, g in zip(leaves, masks, grads):
+        # grads[i] is shared, so autograd copies it into .grad first (in a training step
+        # it steals the fresh gradient of the conv instead): one copy in every row.
+        for leaf, p, g in zip(leaves, leaf_masks, grads):
             leaf.grad = None
-            torch.autograd.backward(_MaskedGrad.apply(leaf, m), g)
+            torch.autograd.backward(p(leaf), g)
 
     ops = {
-        # SparseMask.forward re-zeroes the stored weight after each optimizer step
+        # The forward re-zeroes the stored weight after a write the step did not vouch for
         "library fwd: SparseMask.zero_inactive_": lambda: [
             p.zero_inactive_(w) for p, w in zip(params, weights)
         ],
-        "library bwd: _MaskedGrad backward": library_backward,
+        "library bwd: SparseMask into .grad": library_backward,
         "naive fwd: w * fmask": lambda: [w * f for w, f in zip(weights, fmasks)],
         "naive bwd: grad * fmask": lambda: [g * f for g, f in zip(grads, fmasks)],
+        "old bwd: grad.clone().mul_(uint8)": lambda: [
+            g.clone().mul_(b) for g, b in zip(grads, bytes_)
+        ],
         "ref: grad * mask (bool)": lambda: [g * m for g, m in zip(grads, masks)],
         "ref: grad * mask.view(uint8)": lambda: [g * b for g, b in zip(grads, bytes_)],
         "ref: where(mask, grad, 0)": lambda: [
             torch.where(m, g, zero) for g, m in zip(grads, masks)
         ],
-        "ref: grad.mul_(uint8) in place": lambda: [g.mul_(b) for g, b in zip(grads, bytes_)],
+        "old fwd: grad.mul_(uint8) in place": lambda: [g.mul_(b) for g, b in zip(grads, bytes_)],
+        "ref: masked_fill_(~mask, 0) in place": lambda: [
+            g.masked_fill_(i, 0) for g, i in zip(grads, inverse)
+        ],
+        "ref: where(mask, grad, 0, out=grad)": lambda: [
+            torch.where(m, g, zero, out=g) for g, m in zip(grads, masks)
+        ],
+        "new: int bits.mul_(uint8) in place": lambda: [
+            zero_where_inactive_(g, m) for g, m in zip(grads, masks)
+        ],
     }
     times: dict[str, list[float]] = {k: [] for k in ops}
     for r in range(2 + args.op_repeats):
@@ -196,6 +254,30 @@ def bench_sparsify(args: argparse.Namespace) -> list[float]:
     return times
 
 
+def print_steps(
+    title: str, times: dict[str, list[tuple[float, float]]], args: argparse.Namespace
+) -> None:
+    rounds = len(times["dense"])
+    print(f"\n{title}; {rounds} steps each after {args.warmup} warm-up")
+    print(
+        f"{'model':<14} {'wall med s':>10} {'min s':>7} {'ratio':>6} {'paired':>6}  "
+        f"{'cpu med s':>9} {'ratio':>6} {'paired':>6}"
+    )
+    for name, ts in times.items():
+        cells = []
+        for i in (0, 1):  # wall, cpu
+            mine = [t[i] for t in ts]
+            dense = [t[i] for t in times["dense"]]
+            med = statistics.median(mine)
+            paired = statistics.median(a / b for a, b in zip(mine, dense))
+            cells.append((med, min(mine), med / statistics.median(dense), paired))
+        (w, wmin, wr, wp), (c, _, cr, cp) = cells
+        print(f"{name:<14} {w:10.3f} {wmin:7.3f} {wr:6.3f} {wp:6.3f}  ", end="")
+        print(f"{c:9.3f} {cr:6.3f} {cp:6.3f}")
+    print("ratio = median / dense median; paired = median over rounds of step / dense step")
+    print("SparseMask.dense_grad was None after every step; inactive weights stayed 0")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15, help="timed steps per model")
@@ -210,7 +292,7 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="0: torch default")
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["steps", "state", "sparsify", "ops"]
+        "--skip", nargs="*", default=[], choices=["steps", "state", "sparsify", "ops", "cifar"]
     )
     args = parser.parse_args()
     if args.threads:
@@ -222,28 +304,12 @@ def main() -> None:
 
     if "steps" not in args.skip:
         times = bench_steps(args)
-        rounds = len(times["dense"])
-        print(
-            f"\n(a) resnet50 train step, {args.img_size}px batch {args.batch}, SGD momentum, "
-            f"density {args.density}; {rounds} steps each after {args.warmup} warm-up"
+        print_steps(
+            f"(a) resnet50 train step, {args.img_size}px batch {args.batch}, SGD momentum, "
+            f"density {args.density}",
+            times,
+            args,
         )
-        print(
-            f"{'model':<14} {'wall med s':>10} {'min s':>7} {'ratio':>6} {'paired':>6}  "
-            f"{'cpu med s':>9} {'ratio':>6} {'paired':>6}"
-        )
-        for name, ts in times.items():
-            cells = []
-            for i in (0, 1):  # wall, cpu
-                mine = [t[i] for t in ts]
-                dense = [t[i] for t in times["dense"]]
-                med = statistics.median(mine)
-                paired = statistics.median(a / b for a, b in zip(mine, dense))
-                cells.append((med, min(mine), med / statistics.median(dense), paired))
-            (w, wmin, wr, wp), (c, _, cr, cp) = cells
-            print(f"{name:<14} {w:10.3f} {wmin:7.3f} {wr:6.3f} {wp:6.3f}  ", end="")
-            print(f"{c:9.3f} {cr:6.3f} {cp:6.3f}")
-        print("ratio = median / dense median; paired = median over rounds of step / dense step")
-        print("SparseMask.dense_grad was None after every step; inactive weights stayed 0")
 
     if "state" not in args.skip:
         s = bench_state(args)
@@ -267,6 +333,15 @@ def main() -> None:
         print("\n(d) elementwise mask work per step on resnet50's sparse weights (CPU ms)")
         for name, ms in ops.items():
             print(f"{name:<40} {ms:8.1f}")
+
+    if "cifar" not in args.skip:
+        times = bench_cifar_steps(args)
+        print_steps(
+            "(e) resnet18 train step, 32px batch 32, SGD momentum, density 0.1, "
+            "RigL attached, between updates",
+            times,
+            args,
+        )
 
 
 if __name__ == "__main__":

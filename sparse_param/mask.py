@@ -3,28 +3,73 @@
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from torch import Tensor, nn
 
+# Integer dtype of each float element size: zeroing goes through the weight's bits.
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@torch.no_grad()
+def zero_where_inactive_(tensor: Tensor, mask: Tensor) -> Tensor:
+    """Set ``tensor`` to exactly +0 where ``mask`` (bool, same shape) is False, in place,
+    whatever it held there (NaN and Inf included); keep it bit for bit where True.
+
+    Why this kernel (CPU, measured in ``benchmarks/bench_core.py`` (d)): multiplying the
+    float by the mask is fast but gives NaN for NaN/Inf · 0; ``masked_fill_``,
+    ``torch.where`` and products with a bool operand run unvectorized and take 4–10×
+    longer; out-of-place forms pay a fresh allocation (page faults) as large as the
+    pass itself. Multiplying the float's *bit pattern*, an integer view of the same size,
+    by the mask's uint8 view is the plain vectorized product, in place: ``bits · 1`` is
+    the value unchanged, ``bits · 0`` is the bit pattern of +0.0.
+    """
+    bits = _BITS.get(tensor.element_size())
+    if bits is None:  # no integer of that size (complex128): the slow exact form
+        return tensor.masked_fill_(~mask, 0)
+    tensor.view(bits).mul_(mask.view(torch.uint8))
+    return tensor
+
 
 class _MaskedGrad(torch.autograd.Function):
-    """Identity in forward, ``grad * mask`` in backward.
+    """Identity in forward; the gradient is exactly zero where the mask is off.
 
     The stored weight is kept exactly zero where the mask is off, so the forward needs no
     multiplication (and no allocation): the layer computes with the stored weight
     itself. Only the gradient has to be masked, so inactive weights never train.
+
+    Where the gradient is bound for ``weight.grad`` (``loss.backward()``), it passes
+    through unchanged and the owner's post-accumulate-grad hook zeroes ``weight.grad``
+    in place: a tensor the parameter owns, so no copy and one vectorized pass. Anywhere
+    else (``torch.autograd.grad``, ``create_graph``) the masked gradient is a new tensor.
     """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, mask: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx, weight: Tensor, mask: Tensor, owner: SparseMask | None) -> Tensor:  # noqa: D102
         ctx.save_for_backward(mask)
+        ctx.owner = owner  # None: no grad hook on the weight, mask here
         return weight.view_as(weight)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
         (mask,) = ctx.saved_tensors
-        return grad.clone().mul_(mask.view(torch.uint8)), None  # uint8: see zero_inactive_
+        owner = ctx.owner
+        if owner is not None and not torch.is_grad_enabled() and _accumulates(ctx):
+            owner._grad_pending = True  # the hook masks weight.grad after accumulation
+            return grad, None, None
+        return torch.where(mask, grad, 0), None, None
+
+
+def _accumulates(ctx: object) -> bool:
+    """Whether this backward pass accumulates into ``weight.grad`` (runs its AccumulateGrad)."""
+    node = ctx.next_functions[0][0]
+    if type(node).__name__ != "AccumulateGrad":
+        return False
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # asked under torch.autograd.grad, which never accumulates
+        return False
 
 
 class SparseMask(nn.Module):
@@ -38,13 +83,15 @@ class SparseMask(nn.Module):
         mask: the active connections.
         ever_active: every connection that has been active since ``sparsify``.
 
-    Invariant: the stored weight is exactly zero where ``mask`` is False. The forward
-    can then return the stored weight unchanged (no multiply, no allocation); its
-    backward zeroes the gradient at inactive positions. Whatever writes to the stored
-    weight in place (an optimizer step, an EMA's lerp, ``nn.init``, loading) bumps its
-    version counter, and the next forward re-zeroes it first; writes through ``.data``
-    bypass the counter and are not seen. Under ``torch.compile`` the forward multiplies
-    by the mask instead.
+    Invariant: the stored weight is exactly zero where ``mask`` is False, whatever was
+    written there (NaN and Inf included). The forward can then return the stored weight
+    unchanged (no multiply, no allocation); the gradient is exactly zero at inactive
+    positions, even where the incoming gradient is NaN or Inf, while NaN/Inf at active
+    positions stay visible. Whatever writes to the stored weight in place (an optimizer
+    step, an EMA's lerp, ``nn.init``, loading) bumps its version counter, and the next
+    forward re-zeroes it first; writes through ``.data`` bypass the counter and are not
+    seen. Under ``torch.compile`` the forward selects by the mask instead
+    (``torch.where``, NaN-safe, fused by the compiler).
 
     While ``capture_dense_grad`` is True, every backward pass adds the dense gradient of
     the loss with respect to the weight (shape of the weight) to ``dense_grad``, and
@@ -63,39 +110,78 @@ class SparseMask(nn.Module):
         self.register_buffer("mask", mask.clone())
         self.register_buffer("ever_active", mask.clone())
         self.allocated = int(mask.count_nonzero())  # active count given by the allocation
-        self._clean_version = -1  # version of the stored weight when last zeroed
+        self._clean = (-1, -1)  # versions of the stored weight and mask when last zeroed
         self.capture_dense_grad = False
         self.dense_grad: Tensor | None = None
         self._dense_grad_task = -1  # autograd graph task that last added to dense_grad
+        self._hooked: weakref.ref[Tensor] | None = None  # weight carrying our grad hook
+        self._grad_pending = False  # an unmasked gradient is on its way to weight.grad
+        # (weight.grad, its version, the mask's) right after it was masked
+        self._clean_grad: tuple[weakref.ref[Tensor], int, int] | None = None
 
     def forward(self, weight: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
-            out = weight * self.mask  # fused by the compiler; no version bookkeeping
+            # NaN-safe selection, no version bookkeeping; fused by the compiler
+            out = torch.where(self.mask, weight, 0)
         else:
-            if weight._version != self._clean_version:
+            if not self.is_clean(weight):
                 self.zero_inactive_(weight)
             if not (torch.is_grad_enabled() and weight.requires_grad):
                 # The stored weight itself, so in-place edits under no_grad
                 # (head-init scaling, nn.init) reach it instead of a temporary.
                 return weight
-            out = _MaskedGrad.apply(weight, self.mask)
+            if weight.is_leaf and (self._hooked is None or self._hooked() is not weight):
+                weight.register_post_accumulate_grad_hook(self._mask_accumulated_grad)
+                self._hooked = weakref.ref(weight)
+            out = _MaskedGrad.apply(weight, self.mask, self if weight.is_leaf else None)
         if self.capture_dense_grad and out.requires_grad:
             out.register_hook(functools.partial(self._accumulate_dense_grad, weight))
         return out
 
-    @torch.no_grad()
     def zero_inactive_(self, weight: Tensor) -> None:
-        """Zero the stored ``weight`` where the mask is off, in place, and remember its
-        version so the forward knows it is clean until something writes to it."""
-        # A uint8 view, not the bool mask: on CPU, products and masked_fill with a bool
-        # run an unvectorized path (measured ~20x slower). Inactive weights are finite
-        # (zero gradient, zero state), so the product is exact there.
-        weight.mul_(self.mask.view(torch.uint8))
-        self._clean_version = weight._version
+        """Zero the stored ``weight`` where the mask is off (exactly, NaN/Inf included),
+        in place, and remember its version so the forward knows it is clean until
+        something writes to it."""
+        zero_where_inactive_(weight, self.mask)
+        self.mark_clean(weight)
+
+    def mark_clean(self, weight: Tensor) -> None:
+        """Record that the stored ``weight`` is zero where inactive as it is now, without
+        touching it: only for a caller that knows (see :mod:`sparse_param.zeroing`)."""
+        self._clean = (weight._version, self.mask._version)
+
+    def is_clean(self, weight: Tensor) -> bool:
+        """Whether nothing has written to the stored ``weight`` or the mask since the
+        weight was last zeroed."""
+        return self._clean == (weight._version, self.mask._version)
+
+    def grad_is_clean(self, weight: Tensor) -> bool:
+        """Whether ``weight.grad`` is None or is the gradient masked after the last
+        accumulation, untouched since (same tensor, same version, same mask)."""
+        grad = weight.grad
+        if grad is None:
+            return True
+        clean = self._clean_grad
+        return (
+            clean is not None
+            and clean[0]() is grad
+            and clean[1:] == (grad._version, self.mask._version)
+        )
 
     def right_inverse(self, weight: Tensor) -> Tensor:
         """Store ``weight`` zeroed where inactive (``module.weight = w`` goes through it)."""
-        return weight * self.mask
+        return torch.where(self.mask, weight, 0)
+
+    def _mask_accumulated_grad(self, weight: Tensor) -> None:
+        # Post-accumulate-grad hook of the stored weight: weight.grad is the
+        # parameter's own tensor here (autograd copied any shared gradient), so it is
+        # masked in place. Only gradients that _MaskedGrad let through unmasked.
+        if not self._grad_pending or self._hooked is None or self._hooked() is not weight:
+            return
+        self._grad_pending = False
+        grad = weight.grad
+        zero_where_inactive_(grad, self.mask)
+        self._clean_grad = (weakref.ref(grad), grad._version, self.mask._version)
 
     def _accumulate_dense_grad(self, weight: Tensor, grad: Tensor) -> None:
         # Accumulate exactly as ``weight.grad`` does: the first backward pass after
@@ -128,5 +214,6 @@ class SparseMask(nn.Module):
 @torch.no_grad()
 def zero_inactive_after_load(parametrizations: nn.Module, incompatible_keys: object) -> None:
     """``load_state_dict`` post-hook of a ``parametrizations.weight`` list: re-establish
-    "stored weight is zero where the mask is off" for whatever was loaded."""
+    "stored weight is zero where the mask is off" for whatever was loaded (NaN/Inf
+    included)."""
     parametrizations[0].zero_inactive_(parametrizations.original)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +126,25 @@ class _WeightRecorder(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    """Run the body with ``model`` in eval mode; afterwards restore every module's mode,
+    every buffer (the masks excepted: a forward never writes them) and the torch RNGs."""
+    modes = [(m, m.training) for m in model.modules()]
+    masks = {id(b) for layer in sparse_layers(model) for b in layer.parametrization.buffers()}
+    buffers = [(b, b.clone()) for b in model.buffers() if id(b) not in masks]
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            model.eval()
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
+
+
 @torch.no_grad()
 def effective_density(model: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str, float]:
     """Run ``model(*inputs, **kwargs)`` and return, per sparse layer, the share of
@@ -133,6 +153,11 @@ def effective_density(model: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str
     This checks the computation, not only ``module.weight``: a layer that transforms
     its weight in forward (weight standardization, say) is caught if the op sees a
     denser weight than the mask allows.
+
+    Reading never changes the model: it runs in eval mode (BatchNorm uses its running
+    statistics, so a batch of one works; dropout is off), then gives every module back
+    its own mode, every buffer its value, and the torch random generators (CPU, and CUDA
+    where initialized) their state.
 
     Raises:
         RuntimeError: a sparse layer computed with a non-zero weight where its mask is
@@ -149,7 +174,7 @@ def effective_density(model: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str
         handles.append(layer.module.register_forward_hook(lambda m, a, o: stack.pop() and None))
     try:
         owners = {layer.weight.data_ptr(): layer.name for layer in layers}
-        with _WeightRecorder(stack, owners, seen):
+        with _WeightRecorder(stack, owners, seen), _untouched(model):
             model(*inputs, **kwargs)
     finally:
         for handle in handles:

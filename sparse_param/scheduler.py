@@ -32,6 +32,7 @@ from .schedules import DROP_SCHEDULES
 from .schedules import drop_fraction as drop_fraction_at
 from .structure import Structure, structure_of
 from .structure import select as structured_select
+from .zeroing import InactiveZeroing
 
 OPTIMIZER_STATE_KEY = "sparse_param"  # where the scheduler's state sits in optimizer.state_dict()
 HISTORY_SIZE = 20  # full update records a checkpoint keeps (so checkpoints stay bounded)
@@ -147,7 +148,9 @@ class SparseScheduler:
     what depends on it (the dense-gradient capture of the next step).
 
     After every optimizer step the stored weights are re-zeroed where inactive, so
-    optimizers whose update is dense (Shampoo, Muon, …) cannot revive pruned weights.
+    optimizers whose update is dense (Shampoo, Muon, …) cannot revive pruned weights;
+    the pass is skipped where the step provably kept them zero (see
+    :mod:`sparse_param.zeroing`).
     Steps an AMP ``GradScaler`` skips are not counted; with gradient accumulation only
     real optimizer steps count.
 
@@ -282,6 +285,7 @@ class SparseScheduler:
                 UserWarning,
                 stacklevel=2,
             )
+        self._zeroing = InactiveZeroing(optimizer, self.layers)
         self._hook = (
             optimizer.register_step_post_hook(self._after_optimizer_step) if attach else None
         )
@@ -594,10 +598,8 @@ class SparseScheduler:
         layer.mask.copy_(new)
         layer.ever_active.logical_or_(new)
 
-    @torch.no_grad()
     def _zero_inactive_weights(self) -> None:
-        for layer in self.layers:
-            layer.parametrization.zero_inactive_(layer.weight)
+        self._zeroing.after_step()
 
     def wants_dense_grad(self, step: int) -> bool:
         """Whether the backward passes of optimizer step ``step`` capture dL/dW.
@@ -651,6 +653,7 @@ class SparseScheduler:
             ref = _ATTACHED.get(key)
             if ref is not None and ref() is self:
                 del _ATTACHED[key]
+        self._zeroing.remove()
         for layer in self.layers:
             layer.parametrization.capture_dense_grad = False
         self._clear_dense_grads()
