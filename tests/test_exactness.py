@@ -383,3 +383,29 @@ def test_effective_density_on_a_timm_resnet18_at_batch_one(snapshot, assert_unto
     assert_untouched(model, snap)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(m.training for m in model.modules())
+
+
+# ------------------------------------------- guards of the skipped post-step pass (new)
+
+
+def test_loaded_optimizer_state_non_zero_off_mask_keeps_the_pass():
+    """Momentum loaded non-zero where the mask is off would move those weights: the
+    post-step pass must not be skipped on trust (a guard of the skip; the old code
+    re-zeroed after every step)."""
+    model = build_model(0, 0.3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp.RigL(model, optimizer, total_steps=1000, update_interval=500)
+    x, y = torch.randn(4, *IN_SHAPE), torch.randint(N_CLASSES, (4,))
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    for layer in sparse_layers(model):
+        index = [id(p) for p in model.parameters()].index(id(layer.weight))
+        state["state"][index]["momentum_buffer"] = torch.ones_like(layer.weight)
+    optimizer.load_state_dict(state)
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        for layer in sparse_layers(model):  # right after the step, before any forward
+            assert bool((layer.weight[~layer.mask] == 0).all()), layer.name

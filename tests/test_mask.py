@@ -142,3 +142,18 @@ def test_capture_dense_grad_accumulates_like_grad_and_restarts_after_zero_grad()
     layer(x2).square().sum().backward()
     assert torch.allclose(p.dense_grad, dense_grad_of(x2), rtol=1e-5, atol=1e-6)
     assert torch.allclose(stored.grad, dense_grad_of(x2) * mask, rtol=1e-5, atol=1e-6)
+
+
+def test_a_deepcopy_masks_its_own_gradient_and_leaves_the_original_alone():
+    # EMA copies are deepcopies taken mid-training: the copy hooks its own weight.
+    import copy
+
+    layer, mask = masked_linear(6, 5, 1)
+    x = torch.randn(3, 6)
+    layer(x).sum().backward()
+    twin = copy.deepcopy(layer)
+    layer.zero_grad()
+    twin(x).square().sum().backward()
+    assert layer.parametrizations.weight.original.grad is None
+    grad = twin.parametrizations.weight.original.grad
+    assert bool((grad[~mask] == 0).all()) and bool((grad[mask] != 0).any())
