@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
 from torch import Tensor, nn
+
+from . import fsdp
 
 # Integer dtype of each float element size: zeroing goes through the weight's bits.
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -82,6 +83,24 @@ def _accumulates(ctx: object) -> bool:
         return False
 
 
+class _GradThrough(torch.autograd.Function):
+    """``weight`` zeroed where the mask is off in forward, the whole gradient in backward.
+
+    Used on dense-gradient capture steps: the dense gradient reaches the stored weight's
+    tensor hook (:meth:`SparseMask.grad_hook`), which keeps it and masks what goes on to
+    ``.grad``. The hook runs in the autograd engine outside any compiled graph, so
+    capture adds no graph break under ``torch.compile``.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, mask: Tensor) -> Tensor:  # noqa: D102
+        return torch.where(mask, weight, 0)  # NaN-safe
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        return grad, None
+
+
 class SparseMask(nn.Module):
     """Parametrization ``weight -> weight`` with an active mask.
 
@@ -107,7 +126,10 @@ class SparseMask(nn.Module):
     the loss with respect to the weight (shape of the weight) to ``dense_grad``, and
     starts afresh after ``zero_grad()`` as ``.grad`` does; the scheduler arms it only
     on the step before a gradient-based update and clears it after, so no dense tensor
-    is held in between.
+    is held in between. The gradient is caught by :meth:`grad_hook`, a tensor hook on
+    the stored weight (``sparsify`` registers it, an eager capture forward registers it
+    on a stored weight that lacks it), never inside the forward, so ``torch.compile``
+    traces the forward of every kind of step without a graph break.
     """
 
     mask: Tensor
@@ -119,11 +141,13 @@ class SparseMask(nn.Module):
             raise TypeError(f"mask must be torch.bool, got {mask.dtype}")
         self.register_buffer("mask", mask.clone())
         self.register_buffer("ever_active", mask.clone())
-        self.allocated = int(mask.count_nonzero())  # active count given by the allocation
+        # Active count given by the allocation (sparsify sets it for a meta-device mask).
+        self.allocated = 0 if mask.is_meta else int(mask.count_nonzero())
+        self.plan = None  # a meta.MaskPlan while the mask waits for materialize()
         self._clean = (-1, -1)  # versions of the stored weight and mask when last zeroed
         self.capture_dense_grad = False
         self.dense_grad: Tensor | None = None
-        self._dense_grad_task = -1  # autograd graph task that last added to dense_grad
+        self._capture_hooked: weakref.ref[Tensor] | None = None  # weight carrying grad_hook
         self._hooked: weakref.ref[Tensor] | None = None  # weight carrying our grad hook
         self._grad_pending = False  # an unmasked gradient is on its way to weight.grad
         # (weight.grad, its version, the mask's) right after it was masked
@@ -133,10 +157,14 @@ class SparseMask(nn.Module):
         # Copies (EMA deepcopies, pickles) start without references to this weight and
         # its gradient: they hook and vouch for their own.
         state = dict(self.__dict__)
-        state.update(_hooked=None, _grad_pending=False, _clean_grad=None)
+        state.update(_hooked=None, _grad_pending=False, _clean_grad=None, _capture_hooked=None)
         return state
 
     def forward(self, weight: Tensor) -> Tensor:
+        if self.capture_dense_grad and torch.is_grad_enabled() and weight.requires_grad:
+            if not torch.compiler.is_compiling():
+                self.hook_weight(weight)  # a stored weight that sparsify did not hook
+            return _GradThrough.apply(weight, self.mask)  # grad_hook masks the gradient
         if torch.compiler.is_compiling():
             # NaN-safe selection, no version bookkeeping; fused by the compiler
             out = torch.where(self.mask, weight, 0)
@@ -151,15 +179,14 @@ class SparseMask(nn.Module):
                 weight.register_post_accumulate_grad_hook(self._mask_accumulated_grad)
                 self._hooked = weakref.ref(weight)
             out = _MaskedGrad.apply(weight, self.mask, self if weight.is_leaf else None)
-        if self.capture_dense_grad and out.requires_grad:
-            out.register_hook(functools.partial(self._accumulate_dense_grad, weight))
         return out
 
     def zero_inactive_(self, weight: Tensor) -> None:
         """Zero the stored ``weight`` where the mask is off (exactly, NaN/Inf included),
         in place, and remember its version so the forward knows it is clean until
         something writes to it."""
-        zero_where_inactive_(weight, self.mask)
+        data, mask = fsdp.local_pair(weight, self.mask)  # a sharded weight: its shard
+        zero_where_inactive_(data, mask)
         self.mark_clean(weight)
 
     def mark_clean(self, weight: Tensor) -> None:
@@ -200,21 +227,36 @@ class SparseMask(nn.Module):
         zero_where_inactive_(grad, self.mask)
         self._clean_grad = (weakref.ref(grad), grad._version, self.mask._version)
 
-    def _accumulate_dense_grad(self, weight: Tensor, grad: Tensor) -> None:
-        # Accumulate exactly as ``weight.grad`` does: the first backward pass after
-        # zero_grad() starts afresh (so a step the AMP scaler skipped leaves nothing),
-        # and every use of the weight within one backward pass adds up.
-        task = torch._C._current_graph_task_id()
-        fresh = weight.grad is None and task != self._dense_grad_task
-        if fresh or self.dense_grad is None:
+    def hook_weight(self, weight: Tensor) -> None:
+        """Register :meth:`grad_hook` on the stored ``weight`` (a leaf parameter), unless
+        it carries it already."""
+        if self._capture_hooked is not None and self._capture_hooked() is weight:
+            return
+        ref = weakref.ref(weight)  # weakly: the hook lives on the weight itself
+        weight.register_hook(lambda grad: self.grad_hook(ref(), grad))
+        self._capture_hooked = ref
+
+    def grad_hook(self, weight: Tensor, grad: Tensor) -> Tensor | None:
+        """Tensor hook of the stored weight, run before ``grad`` (its whole gradient of one
+        backward pass) is accumulated into ``weight.grad``.
+
+        While capturing, add ``grad`` to ``dense_grad`` exactly as ``.grad`` accumulates:
+        afresh when ``weight.grad`` is None (after ``zero_grad()``, so a step the AMP
+        scaler skipped leaves nothing), summed over backward passes otherwise; then hand
+        on ``grad`` exactly zero where inactive. Otherwise leave ``grad`` as it is."""
+        if not self.capture_dense_grad:
+            return None
+        if weight.grad is None or self.dense_grad is None:
             self.dense_grad = grad.detach().clone()
         else:
             self.dense_grad += grad.detach()
-        self._dense_grad_task = task
+        return torch.where(self.mask, grad, 0)
 
     def extra_repr(self) -> str:
-        active = int(self.mask.count_nonzero())
-        return f"shape={tuple(self.mask.shape)}, active={active}/{self.mask.numel()}"
+        meta = self.mask.is_meta  # not drawn yet: the allocation's count
+        active = self.allocated if meta else int(self.mask.count_nonzero())
+        where = " (meta)" if meta else ""
+        return f"shape={tuple(self.mask.shape)}, active={active}/{self.mask.numel()}{where}"
 
     def __prepare_scriptable__(self) -> nn.Module:
         # torch.jit.script calls this on every submodule before compiling any; refusing
@@ -234,3 +276,15 @@ def zero_inactive_after_load(parametrizations: nn.Module, incompatible_keys: obj
     "stored weight is zero where the mask is off" for whatever was loaded (NaN/Inf
     included)."""
     parametrizations[0].zero_inactive_(parametrizations.original)
+
+
+@torch.no_grad()
+def zero_inactive_before_save(parametrizations: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """``state_dict`` pre-hook of a ``parametrizations.weight`` list: save the stored
+    weight zeroed where the mask is off, even when nothing re-zeroed it since it was last
+    written. An EMA copy is the case: a compiled forward selects by the mask instead of
+    re-zeroing, and timm's ``ModelEmaV3`` reads ``state_dict()`` before every lerp, so
+    the lerp starts from, and with the model's zeros ends at, exact zeros."""
+    mask = parametrizations[0]
+    if not mask.is_clean(parametrizations.original):
+        mask.zero_inactive_(parametrizations.original)

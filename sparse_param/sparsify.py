@@ -13,7 +13,7 @@ from . import checkpoint
 from .allocation import allocate
 from .compute import check_compute_mode, set_compute, supports_compute_target
 from .layers import DEFAULT_LAYER_TYPES, find_targets, sparse_layers
-from .mask import SparseMask, zero_inactive_after_load
+from .mask import SparseMask, zero_inactive_after_load, zero_inactive_before_save
 from .sampling import random_subset
 from .standardized import install_sparse_forward, is_standardized
 from .structure import Structure, parse_structure, random_mask, record
@@ -125,6 +125,8 @@ def sparsify(
             )
             if parsed is not None:
                 record(module.parametrizations.weight[0], parsed)
+            module.parametrizations.weight.register_state_dict_pre_hook(zero_inactive_before_save)
+            module.parametrizations.weight[0].hook_weight(module.parametrizations.weight.original)
             if is_standardized(module):
                 install_sparse_forward(module)
     except BaseException:
