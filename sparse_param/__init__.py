@@ -15,6 +15,7 @@ from .flops import dense_training_flops, training_flops, weight_uses
 from .inference import SparseLinear, to_sparse
 from .layers import SparseLayer, sparse_layers
 from .mask import SparseMask
+from .meta import materialize
 from .metrics import (
     GradientFlow,
     density,
@@ -59,6 +60,7 @@ __all__ = [
     "is_sparse_state_dict",
     "itop_rate",
     "layer_table",
+    "materialize",
     "models",
     "plots",
     "load_state_dict",

@@ -14,6 +14,7 @@ from .allocation import allocate
 from .compute import check_compute_mode, set_compute, supports_compute_target
 from .layers import DEFAULT_LAYER_TYPES, find_targets, sparse_layers
 from .mask import SparseMask, zero_inactive_after_load, zero_inactive_before_save
+from .meta import MaskPlan
 from .sampling import random_subset
 from .standardized import install_sparse_forward, is_standardized
 from .structure import Structure, parse_structure, random_mask, record
@@ -109,8 +110,19 @@ def sparsify(
         _check_mapping_counts(distribution, shapes)
     counts = allocate(shapes, density, distribution, parsed)
     generator = _generator(seed)
-
-    masks = {name: _mask(shapes[name], counts[name], parsed, generator) for name in targets}
+    plan = _meta_plan(targets, counts, parsed, generator, sparse_init)
+    if plan is not None and compute != "dense":
+        raise ValueError(
+            f"sparsify: compute={compute!r} needs the masks, and a meta-device model gets "
+            f"them at sp.materialize(model): sparsify with compute='dense', then call "
+            f"sparse_param.compute.set_compute(model, {compute!r}) after materialize"
+        )
+    if plan is None:
+        masks = {name: draw_mask(shapes[name], counts[name], parsed, generator) for name in targets}
+    else:  # drawn by materialize(model), once the model has storage
+        masks = {
+            name: torch.zeros(shapes[name], dtype=torch.bool, device="meta") for name in targets
+        }
     done: list[tuple[nn.Module, torch.Tensor]] = []
     try:
         for name, module in targets.items():
@@ -118,7 +130,9 @@ def sparsify(
             # Registering stores the weight masked, in new storage; keep the old storage
             # (no copy) until every layer is done, so a failure can give it back.
             dense = module.weight.detach()
-            parametrize.register_parametrization(module, "weight", SparseMask(mask))
+            parametrization = SparseMask(mask)
+            parametrization.allocated, parametrization.plan = counts[name], plan
+            parametrize.register_parametrization(module, "weight", parametrization)
             done.append((module, dense))
             module.parametrizations.weight.register_load_state_dict_post_hook(
                 zero_inactive_after_load
@@ -137,10 +151,33 @@ def sparsify(
                 module.weight.set_(dense)
         raise
     checkpoint.install(model)
-    if sparse_init:
+    if sparse_init and plan is None:
         rescale_to_active_fan_in(model)
     set_compute(model, compute)
     return model
+
+
+def _meta_plan(
+    targets: Mapping[str, nn.Module],
+    counts: Mapping[str, int],
+    structure: Structure | None,
+    generator: torch.Generator,
+    sparse_init: bool,
+) -> MaskPlan | None:
+    """The masks to draw at ``materialize`` if the targets are on the meta device, else
+    None. A Generator seed is not advanced (nothing is drawn yet)."""
+    on_meta = [module.weight.is_meta for module in targets.values()]
+    if not any(on_meta):
+        return None
+    if not all(on_meta):
+        meta = [name for name, m in zip(targets, on_meta) if m][:3]
+        raise ValueError(
+            f"sparsify: target layers {meta} are on the meta device and others are not; "
+            f"build the whole model on one device (or materialize it first)"
+        )
+    return MaskPlan(
+        generator.get_state(), tuple(counts[name] for name in targets), structure, sparse_init
+    )
 
 
 @torch.no_grad()
@@ -157,9 +194,11 @@ def rescale_to_active_fan_in(model: nn.Module) -> None:
         layer.weight.mul_(scale.view(-1, *([1] * (layer.weight.dim() - 1))))
 
 
-def _mask(
+def draw_mask(
     shape: Sequence[int], count: int, structure: Structure | None, generator: torch.Generator
 ) -> torch.Tensor:
+    """A random bool mask of ``shape`` with ``count`` active (and ``structure``), drawn
+    from ``generator``: what sparsify (and materialize, for a meta model) installs."""
     if structure is not None:
         return random_mask(shape, structure, count, generator)
     numel = math.prod(shape)
