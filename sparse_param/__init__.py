@@ -1,6 +1,6 @@
 """sparse_param: sparse-from-scratch training for any PyTorch model."""
 
-from . import compute, models, plots  # models: registers the papers' architectures with timm
+from . import compute, fsdp, models, plots  # models: registers the papers' architectures with timm
 from .algorithms import ALGORITHMS, DSR, GMP, SET, SNFS, GraNet, RigL, SRigL, Static
 from .allocation import allocate, apportion
 from .capacity import SameCapacity, capacity, same_capacity_dense
@@ -50,6 +50,7 @@ __all__ = [
     "attached_scheduler",
     "capacity",
     "compute",
+    "fsdp",
     "dense_training_flops",
     "dense_state_dict",
     "density",

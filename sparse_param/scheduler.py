@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from . import distributed
+from . import distributed, fsdp
 from .allocation import apportion
 from .layers import SparseLayer, sparse_layers
 from .metrics import density, egf_at_update, itop_rate
@@ -478,7 +478,10 @@ class SparseScheduler:
         planned = self.prune_counts(fraction)
         targets = [self.group_targets(i, layer) for i, layer in enumerate(self.layers)]
         planned_grown = self.grow_counts(planned, capacity)
-        broken = [old & ~torch.isfinite(layer.weight) for layer, old in zip(self.layers, old_masks)]
+        broken = [
+            old & ~torch.isfinite(fsdp.full(layer.weight))
+            for layer, old in zip(self.layers, old_masks)
+        ]
         # Structured layers drop non-finite weights first within their own counts (they
         # score -inf): an extra drop would not fit every group.
         extra = [
@@ -550,6 +553,8 @@ class SparseScheduler:
                     f"{type(self).__name__}: asked to pick {n} of {index.numel()} positions "
                     f"in layer {layer.name!r}"
                 )
+            if score is not None:
+                score = fsdp.full(score)  # sharded: the top-k is global over the shards
             if score is None:
                 pick = random_subset(index.numel(), n, self.generator).to(index.device)
             else:
@@ -591,10 +596,10 @@ class SparseScheduler:
         optimizer state (every state tensor shaped like the weight), extend ever_active."""
         # masked_fill, not mul: a non-finite value times 0 is NaN, not 0.
         unstable = ~(old & new)
-        layer.weight.masked_fill_(unstable, 0)
+        fsdp.masked_fill_(layer.weight, unstable, 0)
         for value in self.optimizer.state.get(layer.weight, {}).values():
             if isinstance(value, Tensor) and value.shape == layer.weight.shape:
-                value.masked_fill_(unstable, 0)
+                fsdp.masked_fill_(value, unstable, 0)
         layer.mask.copy_(new)
         layer.ever_active.logical_or_(new)
 

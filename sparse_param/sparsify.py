@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import checkpoint
+from . import checkpoint, fsdp
 from .allocation import allocate
 from .compute import check_compute_mode, set_compute, supports_compute_target
 from .layers import DEFAULT_LAYER_TYPES, find_targets, sparse_layers
@@ -104,6 +104,7 @@ def sparsify(
             f"sparsify: compute={compute!r} needs an nn.Linear target and there is none "
             f"(convolutions always compute dense); use compute='dense'"
         )
+    fsdp.refuse_sharded(targets)
     shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
     parsed = parse_structure(structure)
     if isinstance(distribution, Mapping):

@@ -1,0 +1,94 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): sparse state next to sharded weights.
+
+Supported order: ``sparsify(model)`` first, then ``fully_shard`` (its submodules, then
+the root), then the optimizer and the scheduler. ``sparsify`` refuses weights that are
+already sharded.
+
+The stored weights (and every optimizer state tensor) become DTensors sharded on dim 0;
+``mask`` and ``ever_active`` stay plain tensors, replicated: the same whole tensor on
+every rank. FSDP2 all-gathers each weight for the forward and backward, which then need
+the whole mask of the layer on every rank at every step (the gradient is masked before
+it is reduce-scattered); a sharded mask would have to be all-gathered as often. The cost
+is 2 bytes per weight per rank (mask and ever_active, bool), against 4 / world_size bytes
+of sharded float32 weight. Where the library writes to a sharded tensor (re-zeroing after
+a step, pruning and growing, zeroing optimizer state) it writes the local shard with the
+matching slice of the mask; an update gathers each layer's weight (``full_tensor``) so a
+layer's top-k is global over its shards and every rank computes the same new mask.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+if TYPE_CHECKING:
+    from .scheduler import SparseScheduler
+
+
+def full(tensor: Tensor) -> Tensor:
+    """``tensor`` whole: a DTensor is gathered (a collective: every rank must call it)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_pair(tensor: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``tensor``'s local data and the part of the whole ``mask`` (shape of ``tensor``)
+    that lines up with it; both as given for a plain tensor. No communication."""
+    if not isinstance(tensor, DTensor):
+        return tensor, mask
+    # src_data_rank=None: every rank slices its own copy of the replicated mask.
+    shard = distribute_tensor(mask, tensor.device_mesh, tensor.placements, src_data_rank=None)
+    return tensor.to_local(), shard.to_local()
+
+
+def masked_fill_(tensor: Tensor, mask: Tensor, value: float) -> None:
+    """``tensor[mask] = value`` in place, for a plain or a sharded ``tensor``."""
+    data, where = local_pair(tensor, mask)
+    data.masked_fill_(where, value)
+
+
+def refuse_sharded(targets: Mapping[str, nn.Module]) -> None:
+    """Raise if a target weight is already sharded by ``fully_shard``."""
+    sharded = [name for name, module in targets.items() if isinstance(module.weight, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"sparsify: the weights of {sharded[:3]}{' …' if len(sharded) > 3 else ''} are "
+            f"already sharded (DTensor): call sparsify(model) before fully_shard(...), "
+            f"then build the optimizer and the scheduler"
+        )
+
+
+class SchedulerState:
+    """A scheduler as one entry of a ``torch.distributed.checkpoint`` (DCP) state dict.
+
+    DCP flattens nested state dicts into keys and loads into a state dict of the same
+    keys; a scheduler's update records vary in number and content, so its state travels
+    as one serialized value (``torch.save`` bytes, the same on every rank)::
+
+        state = {"model": model_sd, "optim": optim_sd, "sparse": SchedulerState(scheduler)}
+        dcp.save(state, checkpoint_id=path)   # and dcp.load(state, checkpoint_id=path)
+
+    DCP calls :meth:`state_dict` when saving and :meth:`load_state_dict` when loading
+    (``torch.distributed.checkpoint.stateful.Stateful``); the scheduler's own checks run.
+    """
+
+    def __init__(self, scheduler: SparseScheduler) -> None:
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict[str, bytes]:
+        buffer = io.BytesIO()
+        torch.save(self.scheduler.state_dict(), buffer)
+        return {"scheduler": buffer.getvalue()}
+
+    def load_state_dict(self, state: Mapping[str, bytes]) -> None:
+        self.scheduler.load_state_dict(load_scheduler_state(state))
+
+
+def load_scheduler_state(state: Mapping[str, bytes]) -> dict:
+    """The scheduler state in a :class:`SchedulerState` entry, e.g. of a DCP checkpoint
+    converted to a plain one (``dcp_to_torch_save``): ``scheduler.load_state_dict(...)``."""
+    return torch.load(io.BytesIO(state["scheduler"]), weights_only=True)

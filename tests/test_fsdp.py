@@ -1,0 +1,230 @@
+"""FSDP2 (``fully_shard``): sparse training equal to the unsharded run, DCP resume.
+
+Two CPU processes (gloo, loopback, ``torch.multiprocessing`` spawn, as in test_ddp.py)
+train a TinyNet sharded with ``fully_shard`` (fc1, fc2, then the root), each rank on its
+half of every global batch, with Static, SET and RigL. After every step the ranks compare
+their masks and ``ever_active`` (identical), and check the invariants on the gathered
+weights and optimizer state. The final masks must equal, and the weights match within
+float tolerance (the reduce-scatter averages the two half-batch gradients in another
+order than one full-batch backward sums them), a single-process run on the whole batches
+with the same seeds. A run saved mid-way with ``torch.distributed.checkpoint`` (model,
+optimizer, scheduler) and resumed in freshly built, sharded models ends bit-identical to
+the uninterrupted one; the sharded checkpoint converts to a plain one that a plain
+sparse model loads.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from datetime import timedelta
+
+import helpers
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import sparse_param as sp
+
+pytestmark = pytest.mark.slow
+
+WORLD_SIZE = 2
+ALGORITHMS = ["static", "set", "rigl"]
+STEPS, SAVE_AT = 7, 4  # updates at steps 3 and 6
+TIMEOUT = 180
+
+
+def build(algorithm: str, shard: bool):
+    from torch.distributed.fsdp import fully_shard
+
+    model = helpers.build_model()
+    if shard:
+        for module in (model.fc1, model.fc2, model):
+            fully_shard(module)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    kw = {} if algorithm == "static" else {"total_steps": 12, "update_interval": 3}
+    return model, optimizer, sp.ALGORITHMS[algorithm](model, optimizer, **kw)
+
+
+def train(model, optimizer, steps, rank: int | None = None):
+    for i in steps:
+        x, y = helpers.batch(i, 8)
+        if rank is not None:  # this rank's half of the global batch
+            x, y = x[4 * rank : 4 * rank + 4], y[4 * rank : 4 * rank + 4]
+        optimizer.zero_grad()
+        helpers.loss_of(model, (x, y)).backward()
+        optimizer.step()
+
+
+def full_state(model, optimizer) -> dict[str, torch.Tensor]:
+    """Masks, ever_active, gathered weights and momentum of every sparse layer."""
+    out = {}
+    for layer in sp.sparse_layers(model):
+        momentum = optimizer.state[layer.weight]["momentum_buffer"]
+        out[f"{layer.name}.mask"] = layer.mask.clone()
+        out[f"{layer.name}.ever_active"] = layer.ever_active.clone()
+        out[f"{layer.name}.weight"] = layer.weight.full_tensor()
+        out[f"{layer.name}.momentum"] = momentum.full_tensor()
+    return out
+
+
+def check_ranks_agree_and_invariants(model, optimizer) -> None:
+    state = full_state(model, optimizer)
+    for layer in sp.sparse_layers(model):
+        for key in ("mask", "ever_active"):
+            mine = state[f"{layer.name}.{key}"].to(torch.uint8)
+            gathered = [torch.empty_like(mine) for _ in range(WORLD_SIZE)]
+            dist.all_gather(gathered, mine)
+            assert all(torch.equal(g, mine) for g in gathered), f"{layer.name}.{key} differs"
+        mask = layer.mask
+        assert mask.dtype == torch.bool and mask.shape == layer.weight.shape
+        assert bool((state[f"{layer.name}.ever_active"] | ~mask).all()), layer.name
+        assert bool((state[f"{layer.name}.weight"][~mask] == 0).all()), layer.name
+        assert bool((state[f"{layer.name}.momentum"][~mask] == 0).all()), layer.name
+
+
+def _run(algorithm: str, rank: int, ckpt_dir: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, optimizer, scheduler = build(algorithm, shard=True)
+    counts = helpers.counts(model)
+    for step in range(STEPS):
+        train(model, optimizer, [step], rank)
+        check_ranks_agree_and_invariants(model, optimizer)
+        assert helpers.counts(model) == counts  # Static, SET, RigL: per-layer counts fixed
+        if step + 1 == SAVE_AT:
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {
+                "model": model_state,
+                "optim": optim_state,
+                "sparse": sp.fsdp.SchedulerState(scheduler),
+            }
+            dcp.save(state, checkpoint_id=ckpt_dir)
+    result = {"final": full_state(model, optimizer), "updates": len(scheduler.history)}
+
+    model, optimizer, scheduler = build(algorithm, shard=True)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {
+        "model": model_state,
+        "optim": optim_state,
+        "sparse": sp.fsdp.SchedulerState(scheduler),
+    }
+    dcp.load(state, checkpoint_id=ckpt_dir)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+    assert scheduler.step_count == SAVE_AT  # loaded by dcp.load through SchedulerState
+    train(model, optimizer, range(SAVE_AT, STEPS), rank)
+    result["resumed"] = full_state(model, optimizer)
+    return result
+
+
+def _refused_after_fully_shard() -> str:
+    from torch.distributed.fsdp import fully_shard
+
+    model = helpers.TinyNet()
+    fully_shard(model)
+    try:
+        sp.sparsify(model, 0.3)
+    except ValueError as error:
+        assert next(sp.sparse_layers(model), None) is None
+        return str(error)
+    raise AssertionError("sparsify accepted sharded weights")
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        results = {a: _run(a, rank, f"{out_dir}/dcp-{a}") for a in ALGORITHMS}
+        results["refused"] = _refused_after_fully_shard()
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("fsdp")
+    context = mp.start_processes(
+        _worker,
+        args=(WORLD_SIZE, _free_port(), str(out_dir)),
+        nprocs=WORLD_SIZE,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the FSDP run did not finish within {TIMEOUT} s")
+    finally:
+        for process in context.processes:  # only ours, by handle
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    return out_dir, ranks
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_fsdp_run_equals_single_process_run(fsdp_run, algorithm):
+    _, ranks = fsdp_run
+    with helpers.torch_threads(1):
+        model, optimizer, scheduler = build(algorithm, shard=False)
+        train(model, optimizer, range(STEPS))
+    assert ranks[0][algorithm]["updates"] == len(scheduler.history)
+    for layer in sp.sparse_layers(model):
+        for rank in ranks:
+            final = rank[algorithm]["final"]
+            assert torch.equal(final[f"{layer.name}.mask"], layer.mask), layer.name
+            assert torch.equal(final[f"{layer.name}.ever_active"], layer.ever_active)
+            momentum = optimizer.state[layer.weight]["momentum_buffer"]
+            torch.testing.assert_close(final[f"{layer.name}.weight"], layer.weight.detach())
+            torch.testing.assert_close(final[f"{layer.name}.momentum"], momentum)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_dcp_resume_is_exact(fsdp_run, algorithm):
+    _, ranks = fsdp_run
+    for rank in ranks:
+        final, resumed = rank[algorithm]["final"], rank[algorithm]["resumed"]
+        assert list(final) == list(resumed)
+        for key, value in final.items():
+            assert torch.equal(resumed[key], value), key
+
+
+def test_sharded_checkpoint_converts_to_a_plain_one(fsdp_run, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out_dir, _ = fsdp_run
+    dcp_to_torch_save(out_dir / "dcp-rigl", tmp_path / "plain.pt")
+    state = torch.load(tmp_path / "plain.pt", weights_only=True)
+    with helpers.torch_threads(1):
+        model, optimizer, scheduler = build("rigl", shard=False)
+        train(model, optimizer, range(SAVE_AT))
+    sp.load_state_dict(model, state["model"])  # the checked, all-or-nothing loader
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(state["model"][key], value, rtol=1e-5, atol=1e-6)
+    scheduler.load_state_dict(sp.fsdp.load_scheduler_state(state["sparse"]))
+    assert scheduler.step_count == SAVE_AT
+
+
+def test_sparsify_after_fully_shard_is_refused_with_the_fix(fsdp_run):
+    _, ranks = fsdp_run
+    for rank in ranks:
+        assert "call sparsify(model) before fully_shard(...)" in rank["refused"]
