@@ -11,6 +11,10 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def average_(tensor: Tensor) -> Tensor:
     """Average ``tensor`` over all ranks, in place."""
     if world_size() > 1:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import fsdp
 from ..allocation import apportion
 from ..scheduler import SparseScheduler, check_int, check_real, redistribute
 from ..schedules import doubling_interval
@@ -66,7 +67,11 @@ class DSR(SparseScheduler):
     def prune_counts(self, fraction: float) -> list[int]:
         below = [
             min(
-                int((layer.weight.abs() < self.threshold).logical_and_(layer.mask).count_nonzero()),
+                int(
+                    (fsdp.full(layer.weight).abs() < self.threshold)
+                    .logical_and_(layer.mask)
+                    .count_nonzero()
+                ),
                 layer.active - 1,
             )
             for layer in self.layers

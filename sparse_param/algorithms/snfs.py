@@ -50,7 +50,10 @@ class SNFS(SparseScheduler):
 
     def setup(self) -> None:
         self.buffers = [
-            torch.zeros_like(layer.weight, dtype=torch.float32) for layer in self.layers
+            # Shaped like the mask: whole on every rank, like the dense gradient it sums
+            # (under FSDP2 too, where the weight is sharded).
+            torch.zeros_like(layer.mask, dtype=torch.float32)
+            for layer in self.layers
         ]
 
     def wants_dense_grad(self, step: int) -> bool:
