@@ -175,8 +175,12 @@ def check_model(
     batch: int = 2,
     limit_params: float | None = None,
     stage: Callable[[str], None] | None = None,
+    meta_above_limit: bool = False,
 ) -> dict[str, Any]:
     """Run the coverage check on one timm model; never raises for the model's sake.
+
+    With ``meta_above_limit``, a model over ``limit_params`` gets the meta-device check
+    (:func:`_check_meta`, ``mode: "meta"`` in the record) instead of a skip.
 
     Returns a record: ``model``, ``params``, ``status`` (``"pass"``, ``"fail"`` or
     ``"skip"``), ``reason`` (exception type and first line of its message, or the skip
@@ -202,6 +206,11 @@ def check_model(
         at("count")
         rec["params"] = count_params(name, num_classes)
         if limit_params is not None and rec["params"] is not None and rec["params"] > limit_params:
+            if meta_above_limit:
+                rec["mode"] = "meta"
+                _check_meta(name, rec, img_size, num_classes, density, batch, at)
+                rec["status"] = "pass"
+                return rec
             raise Skip(f"{rec['params'] / 1e6:.1f} M params > limit {limit_params / 1e6:g} M")
         cfg = _default_cfg(name)
         model = x = None
@@ -300,6 +309,61 @@ def check_model(
         model = x = opt = sched = loss = None  # noqa: F841
         gc.collect()
     return rec
+
+
+def _check_meta(
+    name: str,
+    rec: dict[str, Any],
+    img_size: int | None,
+    num_classes: int,
+    density: float,
+    batch: int,
+    at: Callable[[str], None],
+) -> None:
+    """The check for a model too big to build here: create it on the meta device,
+    ``sparsify`` it there (targeting, allocation: the total active count is
+    ``round(density · total)`` within one weight, every mask waits for ``materialize``)
+    and run a meta-device forward (train mode, no grad) through the sparse layers."""
+    import torch
+
+    import sparse_param
+    from sparse_param import sparsify
+
+    cfg = _default_cfg(name)
+    errors: list[str] = []
+    for shape in _sizes(cfg, img_size):
+        at("meta create")
+        try:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                model = _create(name, shape, cfg, num_classes)
+                model.train()
+                with torch.no_grad():
+                    model(torch.empty(batch, *shape))
+        except Exception as exc:  # noqa: BLE001 - the model's problem, not ours
+            errors.append(
+                f"meta at {shape[1]}x{shape[2]}: {type(exc).__name__}: {_first_line(exc)}"
+            )
+            continue
+        rec["input"] = list(shape)
+        break
+    else:
+        raise Skip("unsupported on meta: " + " | ".join(errors))
+    at("meta sparsify")
+    sparsify(model, density)
+    layers = list(sparse_param.sparse_layers(model))
+    rec["layers"] = len(layers)
+    total = sum(layer.numel for layer in layers)
+    active = sum(layer.parametrization.allocated for layer in layers)
+    rec["density"] = active / total
+    if abs(active - density * total) > 1 + 1e-6:
+        raise CheckFailed(f"allocated {active} of {total} weights, not {density} within one")
+    if not all(layer.parametrization.plan is not None for layer in layers):
+        raise CheckFailed("a sparse layer of a meta model is not waiting for materialize")
+    at("meta forward")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model(torch.empty(batch, *rec["input"], device="meta"))
 
 
 # ---------------------------------------------------------------------------- worker
@@ -506,12 +570,19 @@ def write_report(
             f"{r.get('cpus', '?')} CPUs" + (f" ({r['note']})" if r.get("note") else "")
             for r in runs
         ]
+    meta = sum(r["status"] == "pass" and r.get("mode") == "meta" for r in rows)
     lines += [
         "",
         f"**Totals: {counts['pass']} passed / {counts['fail']} failed / {counts['skip']} "
         f"skipped out of {len(names)} models"
         + (f"; {missing} NOT REACHED (partial sweep)" if partial else "")
-        + "**",
+        + "**"
+        + (
+            f" ({meta} of the passes on the meta device only: targeting, allocation, "
+            "meta forward; no training step)"
+            if meta
+            else ""
+        ),
         "",
         "## Failures by reason",
         "",
@@ -569,9 +640,9 @@ def write_report(
         reason = r["reason"]
         if r["status"] == "fail":
             reason = f"{reason} [{r.get('stage', '')} @ {r.get('where', '')}]"
+        status = r["status"] + (" (meta)" if r.get("mode") == "meta" else "")
         lines.append(
-            f"| {n} | {params} | {shape} | {r['status']} | {_md_cell(reason)} | "
-            f"{r.get('seconds', '')} |"
+            f"| {n} | {params} | {shape} | {status} | {_md_cell(reason)} | {r.get('seconds', '')} |"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
@@ -620,6 +691,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=DEFAULT_LIMIT,
         help="skip models with more parameters (default 60e6)",
+    )
+    parser.add_argument(
+        "--meta-above-limit",
+        action="store_true",
+        help="check models over --limit-params on the meta device (targeting, allocation, "
+        "meta forward) instead of skipping them",
     )
     parser.add_argument(
         "--img-size",
@@ -679,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         "density": args.density,
         "batch": 2,
         "timeout_per_model": f"{args.timeout_per_model:g} s",
+        "meta_above_limit": args.meta_above_limit,
         "filter": args.filter,
     }
     runs_path = args.jsonl.with_suffix(".runs.jsonl")
@@ -707,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_classes": args.num_classes,
         "density": args.density,
         "limit_params": args.limit_params,
+        "meta_above_limit": args.meta_above_limit,
     }
     log_path = str(args.jsonl.with_suffix(".log"))
     pool = WorkerPool(options, args.recycle, log_path)

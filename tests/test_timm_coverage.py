@@ -125,3 +125,15 @@ def test_sweep_runs_in_worker_processes_resumes_and_reports(coverage, tmp_path):
     assert coverage.main([*slow, "--timeout-per-model", "0.5"]) == 0
     (rec,) = map(json.loads, (tmp_path / "t.jsonl").read_text().splitlines())
     assert rec["status"] == "fail" and rec["reason"].startswith("Timeout"), rec
+
+
+@pytest.mark.parametrize("name", ["vit_huge_patch14_224", "convnext_large", "resnet18"])
+def test_models_over_the_limit_get_the_meta_device_check(coverage, name):
+    """Over ``limit_params`` with ``meta_above_limit``: targeting, allocation and a
+    meta-device forward instead of a skip (resnet18 with a 1 M limit stands for a model
+    too big; the check builds nothing with storage)."""
+    rec = coverage.check_model(name, limit_params=1e6, meta_above_limit=True)
+    assert rec["status"] == "pass", (rec["reason"], rec.get("stage"), rec.get("trace"))
+    assert rec["mode"] == "meta"
+    assert rec["layers"] > 0
+    assert abs(rec["density"] - 0.05) < 1e-4
