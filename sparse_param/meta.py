@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import fsdp
 from .layers import sparse_layers
 from .structure import Structure
 
@@ -101,8 +102,9 @@ def materialize(model: nn.Module, init_fn: Callable[[nn.Module], None] | None = 
     else:
         init_fn(model)
     for layer in layers:
-        # masked_fill, not mul: the garbage to_empty left may hold NaN.
-        layer.weight.masked_fill_(~layer.mask, 0)
+        # masked_fill, not mul: the garbage to_empty left may hold NaN. Sharded by
+        # fully_shard: each rank fills its own shard.
+        fsdp.masked_fill_(layer.weight, ~layer.mask, 0)
         layer.parametrization.zero_inactive_(layer.weight)  # records the clean version
     for plan in plans.values():
         if plan.sparse_init:

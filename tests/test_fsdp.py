@@ -140,6 +140,22 @@ def _refused_after_fully_shard() -> str:
     raise AssertionError("sparsify accepted sharded weights")
 
 
+def _meta_shard_materialize() -> dict[str, torch.Tensor]:
+    """Meta-device TinyNet: sparsify, fully_shard, to_empty, materialize; its masks."""
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.device("meta"):
+        model = helpers.TinyNet()
+    sp.sparsify(model, 0.3)
+    for module in (model.fc1, model.fc2, model):
+        fully_shard(module)
+    model.to_empty(device="cpu")
+    sp.materialize(model)
+    for layer in sp.sparse_layers(model):
+        assert bool((layer.weight.full_tensor()[~layer.mask] == 0).all()), layer.name
+    return helpers.masks(model)
+
+
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -152,6 +168,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     try:
         results = {a: _run(a, rank, f"{out_dir}/dcp-{a}") for a in ALGORITHMS}
         results["refused"] = _refused_after_fully_shard()
+        results["meta"] = _meta_shard_materialize()
     finally:
         dist.destroy_process_group()
     torch.save(results, f"{out_dir}/rank{rank}.pt")
@@ -234,3 +251,11 @@ def test_sparsify_after_fully_shard_is_refused_with_the_fix(fsdp_run):
     _, ranks = fsdp_run
     for rank in ranks:
         assert "call sparsify(model) before fully_shard(...)" in rank["refused"]
+
+
+def test_meta_model_sharded_then_materialized_gets_the_eager_masks(fsdp_run):
+    _, ranks = fsdp_run
+    eager = helpers.masks(helpers.build_model())
+    for rank in ranks:
+        for name, mask in eager.items():
+            assert torch.equal(rank["meta"][name], mask), name
