@@ -535,6 +535,8 @@ class SparseScheduler:
         (:func:`sparse_param.structure.select`) so that every group ends at its
         ``targets`` count; ``kept`` is the mask after pruning, for growth."""
         structure = self.structures[index]
+        if score is not None:
+            score = fsdp.full(score)  # sharded: the top-k is global over the shards
         if structure is not None:
             return structured_select(
                 structure, candidates, n, score, lowest=lowest, kept=kept, targets=targets,
@@ -553,8 +555,6 @@ class SparseScheduler:
                     f"{type(self).__name__}: asked to pick {n} of {index.numel()} positions "
                     f"in layer {layer.name!r}"
                 )
-            if score is not None:
-                score = fsdp.full(score)  # sharded: the top-k is global over the shards
             if score is None:
                 pick = random_subset(index.numel(), n, self.generator).to(index.device)
             else:

@@ -192,7 +192,9 @@ def rescale_to_active_fan_in(model: nn.Module) -> None:
         active = layer.mask.flatten(1).sum(1).to(layer.weight.dtype)
         fan_in = layer.mask[0].numel()
         scale = torch.where(active > 0, (fan_in / active.clamp(min=1)).sqrt(), 1.0)
-        layer.weight.mul_(scale.view(-1, *([1] * (layer.weight.dim() - 1))))
+        factor = scale.view(-1, *([1] * (layer.mask.dim() - 1))).expand(layer.mask.shape)
+        data, factor = fsdp.local_pair(layer.weight, factor)  # sharded: this rank's rows
+        data.mul_(factor)
 
 
 def draw_mask(

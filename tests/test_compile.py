@@ -29,7 +29,8 @@ def _fresh_dynamo():
 
 
 def build(algorithm: str):
-    model = helpers.build_model(density=0.5 if algorithm in PRUNING else 0.3)
+    structure = {"structure": "fan_in"} if algorithm == "srigl" else {}
+    model = helpers.build_model(density=0.5 if algorithm in PRUNING else 0.3, **structure)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     kw = {} if algorithm == "static" else {"total_steps": 24, "update_interval": 3}
     if algorithm in PRUNING:

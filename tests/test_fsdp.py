@@ -30,7 +30,7 @@ import sparse_param as sp
 pytestmark = pytest.mark.slow
 
 WORLD_SIZE = 2
-ALGORITHMS = ["static", "set", "rigl", "snfs", "dsr", "gmp", "granet"]
+ALGORITHMS = ["static", "set", "rigl", "srigl", "snfs", "dsr", "gmp", "granet"]
 PRUNING = {"gmp", "granet"}
 STEPS, SAVE_AT = 7, 4  # updates at steps 3 and 6
 TIMEOUT = 180
@@ -39,7 +39,8 @@ TIMEOUT = 180
 def build(algorithm: str, shard: bool):
     from torch.distributed.fsdp import fully_shard
 
-    model = helpers.build_model(density=0.5 if algorithm in PRUNING else 0.3)
+    structure = {"structure": "fan_in"} if algorithm == "srigl" else {}
+    model = helpers.build_model(density=0.5 if algorithm in PRUNING else 0.3, **structure)
     if shard:
         for module in (model.fc1, model.fc2, model):
             fully_shard(module)
@@ -96,7 +97,7 @@ def _run(algorithm: str, rank: int, ckpt_dir: str) -> dict:
     for step in range(STEPS):
         train(model, optimizer, [step], rank)
         check_ranks_agree_and_invariants(model, optimizer)
-        if algorithm in ("static", "set", "rigl"):  # per-layer counts fixed
+        if algorithm in ("static", "set", "rigl", "srigl"):  # per-layer counts fixed
             assert helpers.counts(model) == counts
         elif algorithm in ("snfs", "dsr"):  # the total fixed
             assert sum(helpers.counts(model).values()) == sum(counts.values())

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import fsdp
 from ..layers import SparseLayer
 from ..scheduler import check_real
 from ..structure import group_counts
@@ -96,7 +97,8 @@ class SRigL(RigL):
         units, fan_in = layer.mask.shape[0], layer.mask[0].numel()
         salient = torch.zeros(layer.numel, dtype=torch.bool, device=layer.mask.device)
         keep = layer.active - n
-        salient[layer.weight.detach().abs().flatten().topk(keep, sorted=False).indices] = True
+        magnitude = fsdp.full(layer.weight.detach()).abs()  # whole under FSDP2
+        salient[magnitude.flatten().topk(keep, sorted=False).indices] = True
         grad = layer.parametrization.dense_grad.abs().flatten()
         salient[grad.topk(n, sorted=False).indices] = True
         per_unit = salient.view(units, fan_in).sum(1)
