@@ -290,6 +290,64 @@ def test_ddp_two_processes(mnist_folder, tmp_path):
     assert last["sparse_scheduler"]["step_count"] == 5
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["set", "rigl", "snfs"])
+def test_torchcompile_trains_with_exact_zeros(mnist_folder, tmp_path, method):
+    """``--torchcompile aot_eager`` with an EMA: random growth (SET), the dense-gradient
+    capture before updates (RigL) and on every step (SNFS); the saved model and EMA
+    store exact zeros where inactive."""
+    out = tmp_path / "out"
+    _run(
+        [
+            "--data-dir",
+            str(mnist_folder),
+            "--model",
+            "lenet_300_100",
+            "--batch-size",
+            "25",
+            "--epochs",
+            "1",
+            "--lr",
+            "0.05",
+            "--warmup-epochs",
+            "0",
+            "--no-aug",
+            "--sparse-method",
+            method,
+            "--density",
+            "0.1",
+            "--update-interval",
+            "2",
+            "--sparse-stop",
+            "1.0",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+            "--experiment",
+            method,
+            "--model-ema",
+            "--model-ema-decay",
+            "0.9",
+            "--torchcompile",
+            "aot_eager",
+            "--no-plots",
+        ],  # fmt: skip
+        cwd=tmp_path,
+    )
+    last = _load(out / method / "last.pth.tar")
+    assert last["sparse_scheduler"]["num_updates"] == 4  # 8 steps, every 2
+    for key in ("state_dict", "state_dict_ema"):
+        state = last[key]
+        masks = [k for k in state if k.endswith(MASK)]
+        assert masks, key
+        for name in masks:
+            stored = state[name.replace(".0.mask", ".original")]
+            assert bool((stored[~state[name]] == 0).all()), (key, name)
+
+
 # ------------------------------------------------------------------ configuration
 
 
