@@ -5,9 +5,10 @@
 (b) Compiled graphs over a RigL run of ``--cycles`` update cycles (a counting backend
     wrapping ``--backend``): after the first cycle, and at the end.
 (c) Training step time (forward, backward, SGD-momentum step, the scheduler's post-step
-    work) of one sparse model run eagerly and through ``torch.compile``, in turn, after a
-    warm-up; medians over ``--repeats`` alternating repeats, and the ratio. Steady steps
-    only (the scheduler's update interval is longer than the timed run).
+    work) of one sparse model and of its dense twin, each run eagerly and through
+    ``torch.compile``, in turn, after a warm-up; medians over ``--repeats`` alternating
+    repeats, and the ratios. Steady steps only (the scheduler's update interval is longer
+    than the timed run).
 
 Run: python benchmarks/bench_compile.py [--model resnet18] [--img 64] [--batch 8]
 The machine may be shared and noisy: compare the ratio, not the absolute times.
@@ -74,19 +75,29 @@ def compiled_graphs(args, data) -> tuple[int, int]:
 
 
 def step_times(args, data) -> dict[str, float]:
+    """Median step time of the sparse and of the dense model, eager and compiled."""
     torch._dynamo.reset()
     model, optimizer, _ = build(args, update_interval=10**6, total_steps=10**7)
-    runs = {"eager": model, "compiled": torch.compile(model, backend=args.backend)}
-    for run in runs.values():
+    torch.manual_seed(0)
+    dense = timm.create_model(args.model, num_classes=10)
+    dense_optimizer = torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9)
+    runs = {
+        "eager": (model, optimizer),
+        "compiled": (torch.compile(model, backend=args.backend), optimizer),
+        "dense eager": (dense, dense_optimizer),
+        "dense compiled": (torch.compile(dense, backend=args.backend), dense_optimizer),
+    }
+    for run, opt in runs.values():
         for _ in range(args.warmup):
-            train_step(run, optimizer, data)
+            train_step(run, opt, data)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(args.repeats):
         order = list(runs) if r % 2 == 0 else list(reversed(runs))
         for name in order:
+            run, opt = runs[name]
             start = time.perf_counter()
             for _ in range(args.steps):
-                train_step(runs[name], optimizer, data)
+                train_step(run, opt, data)
             times[name].append((time.perf_counter() - start) / args.steps)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -123,8 +134,12 @@ def main() -> None:
     )
     times = step_times(args, data)
     print(
-        f"(c) step time: eager {times['eager'] * 1e3:.1f} ms, compiled "
-        f"{times['compiled'] * 1e3:.1f} ms, compiled/eager {times['compiled'] / times['eager']:.2f}"
+        "(c) step time (ms): "
+        + ", ".join(f"{name} {t * 1e3:.1f}" for name, t in times.items())
+        + f"; compiled/eager: sparse {times['compiled'] / times['eager']:.2f}, dense "
+        f"{times['dense compiled'] / times['dense eager']:.2f}; sparse/dense: eager "
+        f"{times['eager'] / times['dense eager']:.2f}, compiled "
+        f"{times['compiled'] / times['dense compiled']:.2f}"
     )
 
 

@@ -95,6 +95,8 @@ def materialize(model: nn.Module, init_fn: Callable[[nn.Module], None] | None = 
             mask = mask.to(layer.mask.device)
             layer.mask.copy_(mask)
             layer.ever_active.copy_(mask)
+            if plan.structure is not None:  # its code buffer was left as garbage too
+                layer.parametrization.structure.copy_(plan.structure.encode())
     if init_fn is None:
         for module in model.modules():
             if callable(getattr(module, "reset_parameters", None)):

@@ -30,9 +30,16 @@ def meta_tiny(**kw) -> helpers.TinyNet:
     density=st.floats(0.05, 1.0),
     distribution=st.sampled_from(["erk", "er", "uniform"]),
     sparse_init=st.booleans(),
+    structure=st.sampled_from([None, "fan_in"]),
 )
-def test_materialize_equals_eager_sparsify(seed, density, distribution, sparse_init):
-    kw = dict(density=density, distribution=distribution, seed=seed, sparse_init=sparse_init)
+def test_materialize_equals_eager_sparsify(seed, density, distribution, sparse_init, structure):
+    kw = dict(
+        density=density,
+        distribution=distribution,
+        seed=seed,
+        sparse_init=sparse_init,
+        structure=structure,
+    )
     torch.manual_seed(seed)
     eager = sp.sparsify(helpers.TinyNet(), **kw)
     model = meta_tiny(**kw)
