@@ -557,6 +557,13 @@ def write_report(
         "update_interval=1)` (update at step 1), `effective_density(model, x)` in train "
         "mode, `density(model)` = 0.05 within one weight.",
     ]
+    if any(r.get("mode") == "meta" for r in rows):
+        lines.append(
+            "- models over the parameter limit, with `--meta-above-limit` (status `pass "
+            "(meta)`): created on the meta device at the same input size, `sparsify(model, "
+            "0.05)` there (targeting; allocation = 0.05 within one weight; masks left to "
+            "`materialize`), a meta-device forward in train mode; no training step."
+        )
     if runs:
         total = sum(r["minutes"] for r in runs)
         lines.append(
