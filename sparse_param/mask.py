@@ -66,15 +66,16 @@ class _MaskedGrad(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
         (mask,) = ctx.saved_tensors
         owner = ctx.owner
-        if owner is not None and not torch.is_grad_enabled() and _accumulates(ctx):
-            owner._grad_pending = True  # the hook masks weight.grad after accumulation
+        if owner is not None and not torch.is_grad_enabled() and accumulates(ctx):
+            owner._grad_pending = "mask"  # the hook masks weight.grad after accumulation
             return grad, None, None
         return torch.where(mask, grad, 0), None, None
 
 
-def _accumulates(ctx: object) -> bool:
-    """Whether this backward pass accumulates into ``weight.grad`` (runs its AccumulateGrad)."""
-    node = ctx.next_functions[0][0]
+def accumulates(ctx: object, index: int = 0) -> bool:
+    """Whether this backward pass accumulates input ``index`` of ``ctx``'s function into
+    its ``.grad`` (runs that leaf's AccumulateGrad)."""
+    node = ctx.next_functions[index][0]
     if type(node).__name__ != "AccumulateGrad":
         return False
     try:
@@ -149,7 +150,9 @@ class SparseMask(nn.Module):
         self.dense_grad: Tensor | None = None
         self._capture_hooked: weakref.ref[Tensor] | None = None  # weight carrying grad_hook
         self._hooked: weakref.ref[Tensor] | None = None  # weight carrying our grad hook
-        self._grad_pending = False  # an unmasked gradient is on its way to weight.grad
+        # What the post-accumulate-grad hook does with the next gradient: "mask" an
+        # unmasked one, vouch for an "exact" one (zero where inactive by construction).
+        self._grad_pending: str | None = None
         # (weight.grad, its version, the mask's) right after it was masked
         self._clean_grad: tuple[weakref.ref[Tensor], int, int] | None = None
 
@@ -157,7 +160,7 @@ class SparseMask(nn.Module):
         # Copies (EMA deepcopies, pickles) start without references to this weight and
         # its gradient: they hook and vouch for their own.
         state = dict(self.__dict__)
-        state.update(_hooked=None, _grad_pending=False, _clean_grad=None, _capture_hooked=None)
+        state.update(_hooked=None, _grad_pending=None, _clean_grad=None, _capture_hooked=None)
         return state
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -175,9 +178,8 @@ class SparseMask(nn.Module):
                 # The stored weight itself, so in-place edits under no_grad
                 # (head-init scaling, nn.init) reach it instead of a temporary.
                 return weight
-            if weight.is_leaf and (self._hooked is None or self._hooked() is not weight):
-                weight.register_post_accumulate_grad_hook(self._mask_accumulated_grad)
-                self._hooked = weakref.ref(weight)
+            if weight.is_leaf:
+                self.hook_accumulation(weight)
             out = _MaskedGrad.apply(weight, self.mask, self if weight.is_leaf else None)
         return out
 
@@ -216,15 +218,32 @@ class SparseMask(nn.Module):
         """Store ``weight`` zeroed where inactive (``module.weight = w`` goes through it)."""
         return torch.where(self.mask, weight, 0)
 
-    def _mask_accumulated_grad(self, weight: Tensor) -> None:
+    def hook_accumulation(self, weight: Tensor) -> None:
+        """Register the post-accumulate-grad hook on the stored ``weight`` (a leaf
+        parameter) unless it carries it already."""
+        if self._hooked is None or self._hooked() is not weight:
+            weight.register_post_accumulate_grad_hook(self._after_accumulation)
+            self._hooked = weakref.ref(weight)
+
+    def expect_exact_grad(self, weight: Tensor) -> None:
+        """Announce that the gradient now on its way to ``weight.grad`` is exactly zero
+        where inactive by construction (the CSR compute path's), so that once it is
+        accumulated ``weight.grad`` needs no pass, provided it was clean before."""
+        self.hook_accumulation(weight)
+        if self._grad_pending is None and self.grad_is_clean(weight):
+            self._grad_pending = "exact"  # never over "mask": a sum with an unmasked one
+
+    def _after_accumulation(self, weight: Tensor) -> None:
         # Post-accumulate-grad hook of the stored weight: weight.grad is the
         # parameter's own tensor here (autograd copied any shared gradient), so it is
-        # masked in place. Only gradients that _MaskedGrad let through unmasked.
-        if not self._grad_pending or self._hooked is None or self._hooked() is not weight:
+        # masked in place: only a gradient _MaskedGrad let through unmasked. An exact
+        # gradient added to a clean weight.grad leaves it clean: record it, no pass.
+        pending, self._grad_pending = self._grad_pending, None
+        if pending is None or self._hooked is None or self._hooked() is not weight:
             return
-        self._grad_pending = False
         grad = weight.grad
-        zero_where_inactive_(grad, self.mask)
+        if pending == "mask":
+            zero_where_inactive_(grad, self.mask)
         self._clean_grad = (weakref.ref(grad), grad._version, self.mask._version)
 
     def hook_weight(self, weight: Tensor) -> None:

@@ -381,3 +381,51 @@ def test_ddp_ranks_agree_in_sparse_mode(tmp_path):
         for key, value in ranks[0][algorithm].items():
             assert torch.equal(value, ranks[1][algorithm][key]), f"{algorithm}: {key}"
         assert int(ranks[0][algorithm]["builds"]) == 1 + 3  # updates at 3, 6, 9
+
+
+def test_exact_gradients_need_no_masking_pass(monkeypatch):
+    """The CSR weight gradient is zero where inactive by construction: with SGD neither
+    the gradient nor the weights get a zeroing pass between updates; a gradient edited
+    after backward, or a second use of the weight through the masked-dense path, brings
+    the pass back. Stored weights stay exactly zero where inactive throughout."""
+    from sparse_param import mask as mask_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    sp.sparsify(model, 0.3, compute="sparse")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    sp.SET(model, optimizer, total_steps=1000, update_interval=500)
+    layers = list(sp.sparse_layers(model))
+    x, y = torch.randn(8, 12), torch.randint(4, (8,))
+    model(x)  # the first forward re-zeroes what sparsify's init wrote
+    passes: list[torch.Tensor] = []
+    original = mask_module.zero_where_inactive_
+    monkeypatch.setattr(
+        mask_module, "zero_where_inactive_", lambda t, m: passes.append(t) or original(t, m)
+    )
+
+    def train_step(edit: bool = False) -> None:
+        passes.clear()
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if edit:
+            layers[0].weight.grad.mul_(2.0)
+        optimizer.step()
+
+    for _ in range(3):
+        train_step()
+        assert passes == []
+    train_step(edit=True)
+    assert [t is layers[0].weight for t in passes] == [True]  # only the edited layer
+    for layer in layers:
+        assert bool((layer.weight[~layer.mask] == 0).all()), layer.name
+        assert bool((layer.weight.grad[~layer.mask] == 0).all()), layer.name
+
+    # The weight used twice, once through the masked-dense parametrization: the sum holds
+    # an unmasked gradient, which is masked once it is accumulated.
+    passes.clear()
+    optimizer.zero_grad()
+    first = layers[0].module
+    (model(x).sum() + F.linear(x, first.weight).pow(2).sum()).backward()
+    assert any(t is first.parametrizations.weight.original.grad for t in passes)
+    assert bool((first.parametrizations.weight.original.grad[~layers[0].mask] == 0).all())
