@@ -8,9 +8,15 @@ state machines and spawned DDP workers alike.
 from __future__ import annotations
 
 import contextlib
+import socket
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -31,6 +37,36 @@ def torch_threads(n: int = 1) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------ ranks
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a process group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(
+    worker: Callable[..., None], args: tuple, nprocs: int, out_dir: Path, timeout: float, what: str
+) -> list[Any]:
+    """Spawn ``worker(rank, *args)`` in ``nprocs`` processes, wait at most ``timeout``
+    seconds (failing the test with ``what`` named), terminate stragglers (only ours, by
+    handle), and return what each rank saved as ``out_dir / f"rank{r}.pt"``."""
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {what} run did not finish within {timeout} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(nprocs)]
 
 
 # ------------------------------------------------------------------------------ models

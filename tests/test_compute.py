@@ -11,15 +11,12 @@ resume, finalize, to_sparse, deep copies and DDP keep working.
 from __future__ import annotations
 
 import copy
-import socket
-import time
 from datetime import timedelta
 
 import helpers
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
@@ -360,23 +357,8 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_ranks_agree_in_sparse_mode(tmp_path):
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(
-        _ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 180
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail("the DDP run did not finish within 180 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    args = (helpers.free_port(), str(tmp_path))
+    ranks = helpers.run_ranks(_ddp_worker, args, 2, tmp_path, 180, "DDP")
     for algorithm in ("set", "rigl"):
         for key, value in ranks[0][algorithm].items():
             assert torch.equal(value, ranks[1][algorithm][key]), f"{algorithm}: {key}"

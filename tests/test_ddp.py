@@ -11,15 +11,12 @@ the rank-local ones (rank-local gradients differ, so scoring them would not agre
 
 from __future__ import annotations
 
-import socket
-import time
 from datetime import timedelta
 
 import helpers
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparse_param as sp
@@ -112,33 +109,11 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("ddp")
-    context = mp.start_processes(
-        _worker,
-        args=(WORLD_SIZE, _free_port(), str(out_dir)),
-        nprocs=WORLD_SIZE,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the DDP run did not finish within {TIMEOUT} s")
-    finally:
-        for process in context.processes:  # only ours, by handle
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    args = (WORLD_SIZE, helpers.free_port(), str(out_dir))
+    return helpers.run_ranks(_worker, args, WORLD_SIZE, out_dir, TIMEOUT, "DDP")
 
 
 @pytest.mark.parametrize("broadcast_buffers", [True, False])

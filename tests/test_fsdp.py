@@ -15,15 +15,12 @@ sparse model loads.
 
 from __future__ import annotations
 
-import socket
-import time
 from datetime import timedelta
 
 import helpers
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import sparse_param as sp
 
@@ -175,33 +172,11 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp")
-    context = mp.start_processes(
-        _worker,
-        args=(WORLD_SIZE, _free_port(), str(out_dir)),
-        nprocs=WORLD_SIZE,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the FSDP run did not finish within {TIMEOUT} s")
-    finally:
-        for process in context.processes:  # only ours, by handle
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    args = (WORLD_SIZE, helpers.free_port(), str(out_dir))
+    ranks = helpers.run_ranks(_worker, args, WORLD_SIZE, out_dir, TIMEOUT, "FSDP")
     return out_dir, ranks
 
 
