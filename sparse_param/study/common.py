@@ -160,11 +160,21 @@ def steps_per_run(data: Data, config: TrainConfig) -> int:
     return config.epochs * (len(data.x_train) // config.batch_size)
 
 
+def std(values: Sequence[float]) -> float:
+    """Sample standard deviation; 0 for a single value (one seed)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def against_noise(gain: float, noise: float) -> str:
+    """A claim's verdict: "holds" when the claimed gain exceeds the noise, "does not
+    hold" when the opposite does, "inconclusive" in between."""
+    return "holds" if gain > noise else "does not hold" if gain < -noise else "inconclusive"
+
+
 def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
     """``"mean ± std"`` (sample std; 0 for one value) of ``values × scale``."""
     scaled = [v * scale for v in values]
-    std = statistics.stdev(scaled) if len(scaled) > 1 else 0.0
-    return f"{statistics.mean(scaled):.{digits}f} ± {std:.{digits}f}"
+    return f"{statistics.mean(scaled):.{digits}f} ± {std(scaled):.{digits}f}"
 
 
 def kendall_tau(xs: Sequence[float], ys: Sequence[float]) -> float:

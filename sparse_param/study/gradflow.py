@@ -23,7 +23,18 @@ from tqdm import tqdm
 
 from ..capacity import same_capacity_dense
 from ..sparsify import sparsify
-from .common import Run, TrainConfig, kendall_tau, load_data, mean_std, mlp, steps_per_run, train
+from .common import (
+    Run,
+    TrainConfig,
+    against_noise,
+    kendall_tau,
+    load_data,
+    mean_std,
+    mlp,
+    std,
+    steps_per_run,
+    train,
+)
 
 
 @dataclass(frozen=True)
@@ -150,10 +161,10 @@ def _report(results: dict, widths: dict, size: GradflowSize, data) -> str:
         )
         for net in NETWORKS
     }
-    noise = statistics.mean(_std([r.accuracy for r in rs]) for rs in results.values())
+    noise = statistics.mean(std([r.accuracy for r in rs]) for rs in results.values())
     lines.append(
         f"- **Claim 1 (BatchNorm matters more for sparse):** "
-        f"{_noisy(gains['sparse'] - gains['dense'], noise)} — mean accuracy gain from "
+        f"{against_noise(gains['sparse'] - gains['dense'], noise)} — mean accuracy gain from "
         f"BatchNorm {100 * gains['sparse']:+.2f} points sparse vs {100 * gains['dense']:+.2f} "
         f"dense (over optimizers and activations; mean seed std of a configuration "
         f"{100 * noise:.2f})."
@@ -167,7 +178,7 @@ def _report(results: dict, widths: dict, size: GradflowSize, data) -> str:
                 for bn in (False, True)
             )
             lines.append(
-                f"- **Claim 2 ({act} beats ReLU, sparse, SGD):** {_noisy(diff, noise)} — "
+                f"- **Claim 2 ({act} beats ReLU, sparse, SGD):** {against_noise(diff, noise)} — "
                 f"{100 * diff:+.2f} points (mean over BatchNorm on/off)."
             )
     # 3. Adam vs SGD gradient flow, sparse
@@ -200,16 +211,6 @@ def _report(results: dict, widths: dict, size: GradflowSize, data) -> str:
         )
     lines += ["", "Plots: `gradflow_egf_curves.png`, `gradflow_correlation.png`."]
     return "\n".join(lines) + "\n"
-
-
-def _std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def _noisy(gain: float, noise: float) -> str:
-    """ "holds" when the claimed gain exceeds the noise, "does not hold" when the
-    opposite does, "inconclusive" in between."""
-    return "holds" if gain > noise else "does not hold" if gain < -noise else "inconclusive"
 
 
 def _verdict(claim: bool, *taus: float) -> str:

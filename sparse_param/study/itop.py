@@ -18,7 +18,18 @@ import torch
 from tqdm import tqdm
 
 from ..sparsify import sparsify
-from .common import Run, TrainConfig, kendall_tau, load_data, mean_std, mlp, steps_per_run, train
+from .common import (
+    Run,
+    TrainConfig,
+    against_noise,
+    kendall_tau,
+    load_data,
+    mean_std,
+    mlp,
+    std,
+    steps_per_run,
+    train,
+)
 
 
 @dataclass(frozen=True)
@@ -144,13 +155,13 @@ def _verdicts(results: dict, size: ItopSize) -> list[str]:
             a_short = statistics.mean(acc[short, z] for z in drops)
             a_next = statistics.mean(acc[nxt, z] for z in drops)
             noise = statistics.mean(
-                _std([r.accuracy for r in results[method, dt, z]])
+                std([r.accuracy for r in results[method, dt, z]])
                 for dt in (short, nxt)
                 for z in drops
             )
             lines.append(
                 f"- **{method}, claim 2 (too short ΔT hurts):** "
-                f"{_verdict(a_next - a_short, noise)} — mean accuracy over drop fractions "
+                f"{against_noise(a_next - a_short, noise)} — mean accuracy over drop fractions "
                 f"{100 * a_short:.2f}% at ΔT={short} vs {100 * a_next:.2f}% at ΔT={nxt} "
                 f"(mean seed std of those cells {100 * noise:.2f})."
             )
@@ -163,16 +174,6 @@ def _verdicts(results: dict, size: ItopSize) -> list[str]:
             f"(cell means)."
         )
     return lines
-
-
-def _std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def _verdict(gain: float, noise: float) -> str:
-    """ "holds" when the claimed gain exceeds the seed noise, "does not hold" when the
-    opposite does, "inconclusive" in between."""
-    return "holds" if gain > noise else "does not hold" if gain < -noise else "inconclusive"
 
 
 def _plot(results: dict, size: ItopSize, out: Path) -> None:

@@ -17,7 +17,17 @@ from tqdm import tqdm
 
 from ..capacity import same_capacity_dense
 from ..sparsify import sparsify
-from .common import Run, TrainConfig, load_data, mean_std, mlp, steps_per_run, train
+from .common import (
+    Run,
+    TrainConfig,
+    against_noise,
+    load_data,
+    mean_std,
+    mlp,
+    std,
+    steps_per_run,
+    train,
+)
 
 
 @dataclass(frozen=True)
@@ -100,20 +110,14 @@ def _report(results: dict, matches: dict, size: ScsdcSize, data) -> str:
         for name in MODELS[1:]:
             sparse = [r.accuracy for r in results[d, name]]
             gap = 100 * (statistics.mean(sparse) - statistics.mean(dense))
-            spread = 100 * max(_std(sparse), _std(dense))
-            verdict = (
-                "holds" if gap > spread else "does not hold" if gap < -spread else "inconclusive"
-            )
+            spread = 100 * max(std(sparse), std(dense))
+            verdict = against_noise(gap, spread)
             lines.append(
                 f"- density {d:g}, {name}: {verdict} — {gap:+.2f} points vs dense narrow "
                 f"(largest seed std {spread:.2f})."
             )
     lines += ["", "Plot: `scsdc_accuracy.png`."]
     return "\n".join(lines) + "\n"
-
-
-def _std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _plot(results: dict, matches: dict, size: ScsdcSize, out: Path) -> None:
@@ -126,7 +130,7 @@ def _plot(results: dict, matches: dict, size: ScsdcSize, out: Path) -> None:
         ax.errorbar(
             xs,
             [statistics.mean(r) for r in runs],
-            yerr=[_std(r) for r in runs],
+            yerr=[std(r) for r in runs],
             color=f"C{i}",
             marker="o",
             capsize=3,
