@@ -11,12 +11,10 @@ resume, finalize, to_sparse, deep copies and DDP keep working.
 from __future__ import annotations
 
 import copy
-from datetime import timedelta
 
 import helpers
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
@@ -329,15 +327,7 @@ def test_resume_is_bit_identical_in_sparse_mode(algorithm, tmp_path):
 
 
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=timedelta(seconds=60),
-    )
-    try:
+    with helpers.gloo_group(rank, 2, port):
         results = {}
         for algorithm in ("set", "rigl"):
             model = helpers.build_model(density=0.3, compute="sparse")
@@ -350,8 +340,6 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
                 optimizer.step()
             results[algorithm] = {k: v.clone() for k, v in model.state_dict().items()}
             results[algorithm]["builds"] = torch.tensor(model.fc1.sparse_compute.builds)
-    finally:
-        dist.destroy_process_group()
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 

@@ -11,8 +11,6 @@ the rank-local ones (rank-local gradients differ, so scoring them would not agre
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import helpers
 import pytest
 import torch
@@ -94,18 +92,8 @@ def _run(algorithm: str, broadcast_buffers: bool, rank: int) -> list[dict]:
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
-    try:
+    with helpers.gloo_group(rank, world_size, port):
         results = {f"{a}-{b}": _run(a, b, rank) for a, b in CONFIGS}
-    finally:
-        dist.destroy_process_group()
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 

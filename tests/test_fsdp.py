@@ -15,8 +15,6 @@ sparse model loads.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import helpers
 import pytest
 import torch
@@ -155,20 +153,10 @@ def _meta_shard_materialize() -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
-    try:
+    with helpers.gloo_group(rank, world_size, port):
         results = {a: _run(a, rank, f"{out_dir}/dcp-{a}") for a in ALGORITHMS}
         results["refused"] = _refused_after_fully_shard()
         results["meta"] = _meta_shard_materialize()
-    finally:
-        dist.destroy_process_group()
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
