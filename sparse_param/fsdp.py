@@ -14,12 +14,15 @@ of sharded float32 weight. Where the library writes to a sharded tensor (re-zero
 a step, pruning and growing, zeroing optimizer state) it writes the local shard with the
 matching slice of the mask; an update gathers each layer's weight (``full_tensor``) so a
 layer's top-k is global over its shards and every rank computes the same new mask.
+The dense gradient of a capture step reaches no hook on either weight (FSDP2 swaps the
+all-gathered copy in and fills the sharded ``.grad`` itself), so the scheduler gives
+each sharded layer a sink (:func:`capture_through_sinks`), eager and compiled alike.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +32,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from . import distributed
 
 if TYPE_CHECKING:
+    from .layers import SparseLayer
     from .scheduler import SparseScheduler
 
 
@@ -62,6 +66,16 @@ def refuse_sharded(targets: Mapping[str, nn.Module]) -> None:
             f"already sharded (DTensor): call sparsify(model) before fully_shard(...), "
             f"then build the optimizer and the scheduler"
         )
+
+
+def capture_through_sinks(layers: Iterable[SparseLayer], on: bool = True) -> None:
+    """Make every layer whose stored weight is sharded capture its dense gradient through
+    a sink (:meth:`~sparse_param.mask.SparseMask.capture_through_sink`); ``on=False``
+    undoes it. The scheduler calls it when it is created and removed."""
+    for layer in layers:
+        weight = layer.weight
+        sharded = on and isinstance(weight, DTensor)
+        layer.parametrization.capture_through_sink(weight if sharded else None)
 
 
 class SchedulerState:

@@ -87,19 +87,27 @@ def accumulates(ctx: object, index: int = 0) -> bool:
 class _GradThrough(torch.autograd.Function):
     """``weight`` zeroed where the mask is off in forward, the whole gradient in backward.
 
-    Used on dense-gradient capture steps: the dense gradient reaches the stored weight's
-    tensor hook (:meth:`SparseMask.grad_hook`), which keeps it and masks what goes on to
-    ``.grad``. The hook runs in the autograd engine outside any compiled graph, so
-    capture adds no graph break under ``torch.compile``.
+    Used on dense-gradient capture steps. Without a ``sink`` the dense gradient goes on
+    to the stored weight's tensor hook (:meth:`SparseMask.grad_hook`), which keeps it
+    and masks what goes on to ``.grad``. With a ``sink`` (a leaf shaped like the
+    weight, :meth:`SparseMask.capture_through_sink`) the weight's gradient is masked
+    here and the dense one is the sink's gradient. Both hooks run in the autograd
+    engine outside any compiled graph, so capture adds no graph break under
+    ``torch.compile``.
     """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, mask: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx, weight: Tensor, mask: Tensor, sink: Tensor | None) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(mask)
+        ctx.sink = sink is not None
         return torch.where(mask, weight, 0)  # NaN-safe
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
-        return grad, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor | None]:  # noqa: D102
+        if not ctx.sink:
+            return grad, None, None
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, grad, 0), None, grad
 
 
 class SparseMask(nn.Module):
@@ -130,7 +138,8 @@ class SparseMask(nn.Module):
     is held in between. The gradient is caught by :meth:`grad_hook`, a tensor hook on
     the stored weight (``sparsify`` registers it, an eager capture forward registers it
     on a stored weight that lacks it), never inside the forward, so ``torch.compile``
-    traces the forward of every kind of step without a graph break.
+    traces the forward of every kind of step without a graph break. Under FSDP2 the
+    gradient goes to a sink instead (:meth:`capture_through_sink`).
     """
 
     mask: Tensor
@@ -149,6 +158,8 @@ class SparseMask(nn.Module):
         self.capture_dense_grad = False
         self.dense_grad: Tensor | None = None
         self._capture_hooked: weakref.ref[Tensor] | None = None  # weight carrying grad_hook
+        self._sink: Tensor | None = None  # FSDP2: the leaf that receives the dense gradient
+        self._sharded: weakref.ref[Tensor] | None = None  # FSDP2: the sharded stored weight
         self._hooked: weakref.ref[Tensor] | None = None  # weight carrying our grad hook
         # What the post-accumulate-grad hook does with the next gradient: "mask" an
         # unmasked one, vouch for an "exact" one (zero where inactive by construction).
@@ -160,14 +171,17 @@ class SparseMask(nn.Module):
         # Copies (EMA deepcopies, pickles) start without references to this weight and
         # its gradient: they hook and vouch for their own.
         state = dict(self.__dict__)
-        state.update(_hooked=None, _grad_pending=None, _clean_grad=None, _capture_hooked=None)
+        state.update(
+            _hooked=None, _grad_pending=None, _clean_grad=None, _capture_hooked=None,
+            _sink=None, _sharded=None,
+        )  # fmt: skip
         return state
 
     def forward(self, weight: Tensor) -> Tensor:
         if self.capture_dense_grad and torch.is_grad_enabled() and weight.requires_grad:
-            if not torch.compiler.is_compiling():
+            if self._sink is None and not torch.compiler.is_compiling():
                 self.hook_weight(weight)  # a stored weight that sparsify did not hook
-            return _GradThrough.apply(weight, self.mask)  # grad_hook masks the gradient
+            return _GradThrough.apply(weight, self.mask, self._sink)
         if torch.compiler.is_compiling():
             # NaN-safe selection, no version bookkeeping; fused by the compiler
             out = torch.where(self.mask, weight, 0)
@@ -265,11 +279,41 @@ class SparseMask(nn.Module):
         on ``grad`` exactly zero where inactive. Otherwise leave ``grad`` as it is."""
         if not self.capture_dense_grad:
             return None
-        if weight.grad is None or self.dense_grad is None:
-            self.dense_grad = grad.detach().clone()
-        else:
-            self.dense_grad += grad.detach()
+        self._add_dense_grad(grad.detach().clone(), fresh=weight.grad is None)
         return torch.where(self.mask, grad, 0)
+
+    def _add_dense_grad(self, grad: Tensor, fresh: bool) -> None:
+        if fresh or self.dense_grad is None:
+            self.dense_grad = grad
+        else:
+            self.dense_grad += grad
+
+    def capture_through_sink(self, sharded: Tensor | None) -> None:
+        """Capture the dense gradient through a sink instead of the stored weight's hook;
+        for a weight sharded by FSDP2 (``sharded``, the DTensor parameter; None: back to
+        the hook).
+
+        FSDP2 swaps in an all-gathered copy of the weight for forward and backward and
+        fills the sharded weight's ``.grad`` itself, after the backward pass of its
+        group, so no hook on either weight sees the gradient, eager or compiled. On a
+        capture step the forward takes a sink along: a leaf shaped like the weight
+        (one element of storage, expanded) whose gradient is the dense gradient of this
+        rank's loss; its post-accumulate-grad hook moves it to ``dense_grad``, afresh
+        while the sharded ``.grad`` is None (after ``zero_grad()``), summed otherwise.
+        """
+        if sharded is None:
+            self._sink = self._sharded = None
+            return
+        local = sharded.to_local()
+        sink = torch.zeros((), dtype=local.dtype, device=local.device).expand(self.mask.shape)
+        sink = sink.detach().requires_grad_()
+        sink.register_post_accumulate_grad_hook(self._from_sink)
+        self._sink, self._sharded = sink, weakref.ref(sharded)
+
+    def _from_sink(self, sink: Tensor) -> None:
+        grad, sink.grad = sink.grad, None  # moved, not copied
+        sharded = self._sharded() if self._sharded is not None else None
+        self._add_dense_grad(grad, fresh=sharded is None or sharded.grad is None)
 
     def extra_repr(self) -> str:
         meta = self.mask.is_meta  # not drawn yet: the allocation's count

@@ -286,6 +286,7 @@ class SparseScheduler:
                 stacklevel=2,
             )
         self._zeroing = InactiveZeroing(optimizer, self.layers)
+        fsdp.capture_through_sinks(self.layers)
         self._hook = (
             optimizer.register_step_post_hook(self._after_optimizer_step) if attach else None
         )
@@ -659,6 +660,7 @@ class SparseScheduler:
             if ref is not None and ref() is self:
                 del _ATTACHED[key]
         self._zeroing.remove()
+        fsdp.capture_through_sinks(self.layers, on=False)
         for layer in self.layers:
             layer.parametrization.capture_dense_grad = False
         self._clear_dense_grads()

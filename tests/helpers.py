@@ -240,6 +240,12 @@ def mask_changes(old: dict[str, Tensor], new: dict[str, Tensor]) -> tuple[dict, 
     return pruned, grown
 
 
+def set_capture(model: nn.Module, on: bool) -> None:
+    """Arm (or disarm) the dense-gradient capture of every sparse layer by hand."""
+    for layer in sp.sparse_layers(model):
+        layer.parametrization.capture_dense_grad = on
+
+
 def arm_and_capture(scheduler: sp.SparseScheduler, model: nn.Module, data) -> None:
     """Capture a dense gradient by hand (for an explicit ``update()`` of a gradient-based
     algorithm outside the step before a scheduled update)."""

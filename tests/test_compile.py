@@ -44,17 +44,12 @@ def step(model, optimizer, i):
     optimizer.step()
 
 
-def set_capture(model, on: bool):
-    for layer in sp.sparse_layers(model):
-        layer.parametrization.capture_dense_grad = on
-
-
 def test_no_graph_break_on_steady_capture_and_update_steps():
     model, optimizer, scheduler = build("rigl")
     x, _ = helpers.batch(0)
     kinds = {}
     for i in range(3):  # steps 1, 2 steady; step 3 captures and updates
-        set_capture(model, scheduler.wants_dense_grad(scheduler.step_count + 1))
+        helpers.set_capture(model, scheduler.wants_dense_grad(scheduler.step_count + 1))
         kinds[scheduler.step_count + 1] = torch._dynamo.explain(model)(x)
         step(model, optimizer, i)
     assert [r["step"] for r in scheduler.history] == [3]
@@ -96,7 +91,7 @@ def test_compiled_training_equals_eager_one_graph_per_kind_of_step(algorithm):
 def test_compiled_dense_grad_accumulates_like_grad_and_restarts_after_zero_grad():
     model, _, _ = build("rigl")
     compiled = torch.compile(model, backend="aot_eager")
-    set_capture(model, True)
+    helpers.set_capture(model, True)
     b1, b2 = helpers.batch(1), helpers.batch(2)
     helpers.loss_of(compiled, b1).backward()
     helpers.loss_of(compiled, b2).backward()  # accumulates, as .grad does
