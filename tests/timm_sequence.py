@@ -5,12 +5,18 @@ Run as a script by tests/test_timm_sequence.py, one process per phase:
     python timm_sequence.py full   OUT   # EPOCHS epochs uninterrupted
     python timm_sequence.py first  OUT   # EPOCHS // 2 epochs, CheckpointSaver after each
     python timm_sequence.py resume OUT   # fresh process: resume_task_checkpoint, the rest
+    python timm_sequence.py PHASE OUT --compile aot_eager   # train.py --torchcompile
 Each phase runs two variants of the epoch loop and writes OUT/<variant>/<phase>.pt with
 the masks, weights and EMA masks it ended with:
     "upstream": train.py as it is; the global RNG is seeded once, at start-up.
     "reseeded": the README's fix; ``utils.random_seed(seed + epoch * world_size, rank)``
         at the start of every epoch, so a resumed run draws the same dropout masks.
 The model has dropout, so the variants differ exactly where the global RNG matters.
+
+With ``--compile BACKEND`` the sequence includes train.py's ``--torchcompile`` lines
+(``task.compile`` and ``task.compile_ema`` after the EMA, before DDP) and runs the
+"reseeded" variant of every algorithm in ``--algorithms`` on timm's small
+``test_resnet``, writing OUT/<algorithm>/<phase>.pt.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch._dynamo
 from timm import utils
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -36,19 +43,27 @@ VARIANTS = ("upstream", "reseeded")
 args = argparse.Namespace(model="resnet18", seed=SEED, world_size=1)  # saved by CheckpointSaver
 
 
-def build(mask_seed: int):
+PRUNING = {"gmp", "granet"}  # prune from sparsify's density to the scheduler's
+
+
+def build(mask_seed: int, algorithm: str = "rigl", model_name: str = "resnet18"):
     """train.py from create_model to the EMA, in its order, with the README's lines."""
-    model = timm.create_model("resnet18", num_classes=10, drop_rate=0.25)
+    model = timm.create_model(model_name, num_classes=10, drop_rate=0.25)
     with torch.no_grad():  # --head-init-scale
         model.get_classifier().weight.mul_(0.5)
-    sp.sparsify(model, density=0.1, seed=mask_seed)  # 1. after create_model, head init
+    structure = {"structure": "fan_in"} if algorithm == "srigl" else {}
+    density = 0.2 if algorithm in PRUNING else 0.1
+    sp.sparsify(model, density=density, seed=mask_seed, **structure)  # 1. after create_model
     task = ClassificationTask(model=model, criterion=nn.CrossEntropyLoss(), verbose=False)
     model = task.get_trainable_module()
     optimizer = create_optimizer_v2(model, "sgd", lr=0.05, momentum=0.9, weight_decay=1e-4)
     # 2. before the resume; total_steps=1 is the placeholder until create_scheduler_v2
-    rigl = sp.RigL(model, optimizer, total_steps=1, update_interval=2)
+    kw = {} if algorithm == "static" else {"update_interval": 2}
+    if algorithm in PRUNING:
+        kw["density"] = 0.1
+    scheduler = sp.ALGORITHMS[algorithm](model, optimizer, total_steps=1, **kw)
     loss_scaler = utils.NativeScaler(device="cpu")
-    return task, model, optimizer, rigl, loss_scaler
+    return task, model, optimizer, scheduler, loss_scaler
 
 
 def train_one_epoch(epoch: int, task, model, optimizer, loss_scaler) -> None:
@@ -67,12 +82,20 @@ def train_one_epoch(epoch: int, task, model, optimizer, loss_scaler) -> None:
         task.update_ema(step=num_updates + 1)
 
 
-def run(phase: str, variant: str, out: Path) -> None:
+def run(
+    phase: str,
+    variant: str,
+    out: Path,
+    algorithm: str = "rigl",
+    model_name: str = "resnet18",
+    backend: str | None = None,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "last.pth.tar"
     utils.random_seed(SEED, 0)  # train.py's start-up
     # A resumed run starts from other masks: they must come back from the checkpoint.
-    task, model, optimizer, rigl, loss_scaler = build(mask_seed=1 if phase == "resume" else 0)
+    mask_seed = 1 if phase == "resume" else 0
+    task, model, optimizer, scheduler, loss_scaler = build(mask_seed, algorithm, model_name)
     resume_epoch = None
     if phase == "resume":
         resume_epoch = resume_task_checkpoint(
@@ -81,6 +104,10 @@ def run(phase: str, variant: str, out: Path) -> None:
     task.setup_ema(decay=0.9)
     if phase == "resume":
         load_task_ema_checkpoint(task, str(checkpoint))
+    if backend is not None:  # --torchcompile
+        task.compile(backend=backend)
+        model = task.get_trainable_module()
+        task.compile_ema(backend=backend)
     saver = utils.CheckpointSaver(
         model=model,
         optimizer=optimizer,
@@ -93,7 +120,7 @@ def run(phase: str, variant: str, out: Path) -> None:
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, "cosine", num_epochs=EPOCHS, updates_per_epoch=UPDATES_PER_EPOCH
     )
-    rigl.total_steps = num_epochs * UPDATES_PER_EPOCH  # 3. after create_scheduler_v2
+    scheduler.total_steps = num_epochs * UPDATES_PER_EPOCH  # 3. after create_scheduler_v2
     start_epoch = resume_epoch or 0
     if start_epoch > 0:
         lr_scheduler.step(start_epoch)
@@ -105,11 +132,11 @@ def run(phase: str, variant: str, out: Path) -> None:
         saver.save_checkpoint(epoch, metric=0.0)
         lr_scheduler.step(epoch + 1)
     torch.save(
-        snapshot(model, task.get_trainable_module(ema=True).module, rigl), out / f"{phase}.pt"
+        snapshot(model, task.get_trainable_module(ema=True).module, scheduler), out / f"{phase}.pt"
     )
 
 
-def snapshot(model: nn.Module, ema: nn.Module, rigl: sp.SparseScheduler) -> dict:
+def snapshot(model: nn.Module, ema: nn.Module, scheduler: sp.SparseScheduler) -> dict:
     live = {layer.name: layer for layer in sp.sparse_layers(model)}
     averaged = {layer.name: layer for layer in sp.sparse_layers(ema)}
     return {
@@ -120,18 +147,28 @@ def snapshot(model: nn.Module, ema: nn.Module, rigl: sp.SparseScheduler) -> dict
         "ema_inactive_nonzero": sum(
             int(layer.module.weight[~layer.mask].count_nonzero()) for layer in averaged.values()
         ),
-        "step_count": rigl.step_count,
-        "updates": len(rigl.history),
+        "step_count": scheduler.step_count,
+        "updates": len(scheduler.history),
     }
 
 
-def main(phase: str, out: Path) -> None:
-    if phase not in ("full", "first", "resume"):
-        raise SystemExit(f"unknown phase {phase!r}")
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description="timm train.py's sequence with sparse_param")
+    parser.add_argument("phase", choices=("full", "first", "resume"))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--compile", metavar="BACKEND", default=None)
+    parser.add_argument("--algorithms", default=",".join(sp.ALGORITHMS))
+    options = parser.parse_args(argv)
     torch.set_num_threads(1)
-    for variant in VARIANTS:
-        run(phase, variant, out / variant)
+    if options.compile is None:
+        for variant in VARIANTS:
+            run(options.phase, variant, options.out / variant)
+        return
+    for algorithm in options.algorithms.split(","):
+        torch._dynamo.reset()
+        out = options.out / algorithm
+        run(options.phase, "reseeded", out, algorithm, "test_resnet", options.compile)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1:])
