@@ -3,7 +3,8 @@
 Two CPU processes (gloo, ``torch.multiprocessing`` spawn, a free port found at run time,
 a timeout) train a ``DistributedDataParallel`` TinyNet on *different* data per rank with
 RigL, SET and SNFS, with and without DDP's buffer broadcast (``broadcast_buffers=False``:
-the masks must agree without DDP copying rank 0's buffers before every forward). After
+the masks must agree without DDP copying rank 0's buffers before every forward), and
+compiled (``torch.compile`` inside DDP, as timm's train.py orders them). After
 every update the ranks gather and compare their masks, ``ever_active`` and stored
 weights; for RigL they also check that the dense gradients scored were the average of
 the rank-local ones (rank-local gradients differ, so scoring them would not agree).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import helpers
 import pytest
 import torch
+import torch._dynamo
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -24,7 +26,10 @@ pytestmark = pytest.mark.slow
 WORLD_SIZE = 2
 STEPS = 12
 ALGORITHMS = ["rigl", "set", "snfs"]
-CONFIGS = [(a, b) for a in ALGORITHMS for b in (True, False)]
+# (algorithm, broadcast_buffers, compiled): compiled as timm's train.py does it,
+# torch.compile(model) (aot_eager) and then DDP around the compiled module
+CONFIGS = [(a, b, False) for a in ALGORITHMS for b in (True, False)]
+CONFIGS += [(a, True, True) for a in ALGORITHMS]
 TIMEOUT = 240  # seconds for the whole distributed run
 
 
@@ -55,9 +60,11 @@ def _all_equal(tensors: list[torch.Tensor]) -> bool:
     return all(torch.equal(tensors[0], t) for t in tensors[1:])
 
 
-def _run(algorithm: str, broadcast_buffers: bool, rank: int) -> list[dict]:
+def _run(algorithm: str, broadcast_buffers: bool, compiled: bool, rank: int) -> list[dict]:
+    torch._dynamo.reset()
     model = helpers.build_model(init_seed=0, density=0.2, mask_seed=0)
-    ddp = DDP(model, broadcast_buffers=broadcast_buffers)
+    inner = torch.compile(model, backend="aot_eager") if compiled else model
+    ddp = DDP(inner, broadcast_buffers=broadcast_buffers)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
     cls = RecordingRigL if algorithm == "rigl" else sp.ALGORITHMS[algorithm]
     scheduler = cls(ddp, optimizer, total_steps=20, update_interval=3, seed=3)
@@ -93,7 +100,7 @@ def _run(algorithm: str, broadcast_buffers: bool, rank: int) -> list[dict]:
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     with helpers.gloo_group(rank, world_size, port):
-        results = {f"{a}-{b}": _run(a, b, rank) for a, b in CONFIGS}
+        results = {config: _run(*config, rank) for config in CONFIGS}
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
@@ -104,10 +111,9 @@ def ddp_results(tmp_path_factory):
     return helpers.run_ranks(_worker, args, WORLD_SIZE, out_dir, TIMEOUT, "DDP")
 
 
-@pytest.mark.parametrize("broadcast_buffers", [True, False])
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_ranks_hold_identical_masks_after_every_update(ddp_results, algorithm, broadcast_buffers):
-    key = f"{algorithm}-{broadcast_buffers}"
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_ranks_hold_identical_masks_after_every_update(ddp_results, config):
+    algorithm, key = config[0], config
     checks = ddp_results[0][key]
     assert checks == ddp_results[1][key], "the ranks saw different updates"
     assert [c["step"] for c in checks] == [3, 6, 9, 12]
