@@ -8,7 +8,10 @@
     work) of one sparse model and of its dense twin, each run eagerly and through
     ``torch.compile``, in turn, after a warm-up; medians over ``--repeats`` alternating
     repeats, and the ratios. Steady steps only (the scheduler's update interval is longer
-    than the timed run).
+    than the timed run). With inductor, also both compiled with its layout optimization
+    off (``torch._inductor.config.layout_optimization = False``): on by default, it
+    turns convolutions channels-last, and then copies every masked weight and every
+    mask into that layout on every step.
 
 Run: python benchmarks/bench_compile.py [--model resnet18] [--img 64] [--batch 8]
 The machine may be shared and noisy: compare the ratio, not the absolute times.
@@ -26,6 +29,7 @@ import timm
 import torch
 import torch._dynamo
 import torch._dynamo.testing
+import torch._inductor.config
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,26 +79,43 @@ def compiled_graphs(args, data) -> tuple[int, int]:
 
 
 def step_times(args, data) -> dict[str, float]:
-    """Median step time of the sparse and of the dense model, eager and compiled."""
+    """Median step time of the sparse and of the dense model, eager and compiled; with
+    inductor, also compiled with its layout optimization off (a model of its own each,
+    compiled under the setting)."""
     torch._dynamo.reset()
-    model, optimizer, _ = build(args, update_interval=10**6, total_steps=10**7)
-    torch.manual_seed(0)
-    dense = timm.create_model(args.model, num_classes=10)
-    dense_optimizer = torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9)
+
+    def dense_model():
+        torch.manual_seed(0)
+        model = timm.create_model(args.model, num_classes=10)
+        return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def sparse_model():
+        model, optimizer, _ = build(args, update_interval=10**6, total_steps=10**7)
+        return model, optimizer
+
+    model, optimizer = sparse_model()
+    dense, dense_optimizer = dense_model()
+    default, no_layout = {}, {"layout_optimization": False}
     runs = {
-        "eager": (model, optimizer),
-        "compiled": (torch.compile(model, backend=args.backend), optimizer),
-        "dense eager": (dense, dense_optimizer),
-        "dense compiled": (torch.compile(dense, backend=args.backend), dense_optimizer),
+        "eager": (model, optimizer, default),
+        "compiled": (torch.compile(model, backend=args.backend), optimizer, default),
+        "dense eager": (dense, dense_optimizer, default),
+        "dense compiled": (torch.compile(dense, backend=args.backend), dense_optimizer, default),
     }
-    for run, opt in runs.values():
-        for _ in range(args.warmup):
-            train_step(run, opt, data)
+    if args.backend == "inductor":
+        for name, make in (("compiled", sparse_model), ("dense compiled", dense_model)):
+            other, other_optimizer = make()
+            compiled = torch.compile(other, backend=args.backend)
+            runs[f"{name}, no layout opt"] = (compiled, other_optimizer, no_layout)
+    for run, opt, config in runs.values():
+        with torch._inductor.config.patch(config):  # read when the graph is compiled
+            for _ in range(args.warmup):
+                train_step(run, opt, data)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(args.repeats):
         order = list(runs) if r % 2 == 0 else list(reversed(runs))
         for name in order:
-            run, opt = runs[name]
+            run, opt, _ = runs[name]
             start = time.perf_counter()
             for _ in range(args.steps):
                 train_step(run, opt, data)
@@ -141,6 +162,12 @@ def main() -> None:
         f"{times['eager'] / times['dense eager']:.2f}, compiled "
         f"{times['compiled'] / times['dense compiled']:.2f}"
     )
+    if "compiled, no layout opt" in times:
+        print(
+            "    layout optimization off: sparse compiled/eager "
+            f"{times['compiled, no layout opt'] / times['eager']:.2f}, sparse/dense compiled "
+            f"{times['compiled, no layout opt'] / times['dense compiled, no layout opt']:.2f}"
+        )
 
 
 if __name__ == "__main__":
