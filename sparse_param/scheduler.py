@@ -32,6 +32,7 @@ from .schedules import DROP_SCHEDULES
 from .schedules import drop_fraction as drop_fraction_at
 from .structure import Structure, structure_of
 from .structure import select as structured_select
+from .warn import warn
 from .zeroing import InactiveZeroing
 
 OPTIMIZER_STATE_KEY = "sparse_param"  # where the scheduler's state sits in optimizer.state_dict()
@@ -415,13 +416,11 @@ class SparseScheduler:
         if n >= FEW_UPDATES:
             return
         what = "never changes" if n == 0 else f"changes only {n} time{'s' * (n > 1)}"
-        warnings.warn(
+        warn(
             f"{type(self).__name__}: the topology {what} in this run: updates every "
             f"update_interval={self.update_interval} steps in ({self.start_step}, "
             f"{self.stop_step}] (start={self.start}, stop={self.stop} of total_steps="
-            f"{self.total_steps}). Lower update_interval or check total_steps",
-            UserWarning,
-            stacklevel=4,
+            f"{self.total_steps}). Lower update_interval or check total_steps"
         )
 
     # ------------------------------------------------------------------- the engine
@@ -562,11 +561,10 @@ class SparseScheduler:
                 values = score.flatten()[index].float()
                 finite = torch.isfinite(values)
                 if not bool(finite.all()):
-                    warnings.warn(
+                    warn(
                         f"{type(self).__name__}: {int((~finite).sum())} non-finite scores in "
                         f"layer {layer.name!r} at step {self.step_count}; they rank last",
                         RuntimeWarning,
-                        stacklevel=3,
                     )
                     # -inf ranks last either way: dropped first, grown last.
                     values = torch.where(finite, values, -torch.inf)
@@ -585,11 +583,10 @@ class SparseScheduler:
             if left
             else ""
         )
-        warnings.warn(
+        warn(
             f"{type(self).__name__}: {total} non-finite active weights in layer "
             f"{layer.name!r} at step {self.step_count}: dropped first{stay}",
             RuntimeWarning,
-            stacklevel=4,
         )
 
     def _apply(self, layer: SparseLayer, old: Tensor, new: Tensor) -> None:

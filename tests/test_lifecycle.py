@@ -164,8 +164,9 @@ def test_every_algorithm_drops_non_finite_active_weights_first(
         helpers.arm_and_capture(scheduler, model, helpers.batch(seed))
     before = helpers.counts(model)
     old = helpers.masks(model)
-    with pytest.warns(RuntimeWarning, match="non-finite active weights"):
+    with pytest.warns(RuntimeWarning, match="non-finite active weights") as caught:
         record = scheduler.update()
+    assert {w.filename for w in caught} == {__file__}
     after = helpers.counts(model)
     if algorithm in ("set", "rigl"):
         assert after == before
@@ -193,8 +194,9 @@ def test_dsr_drops_nan_weights_during_training():
     helpers.loss_of(model, helpers.batch(2)).backward()
     with torch.no_grad():  # e.g. an overflow in the step: NaN written into 5 weights
         fc1.weight.view(-1)[bad] = math.nan
-    with pytest.warns(RuntimeWarning, match="5 non-finite active weights in layer 'fc1'"):
+    with pytest.warns(RuntimeWarning, match="5 non-finite active weights in layer 'fc1'") as w:
         optimizer.step()  # step 3: an update
+    assert {each.filename for each in w} == {__file__}  # this line, not torch's hook runner
     assert len(scheduler.history) == 1
     assert not bool(fc1.mask.flatten()[bad].any())
     assert sum(helpers.counts(model).values()) == total
@@ -567,7 +569,8 @@ def test_a_schedule_with_few_updates_warns_once_with_the_numbers(kw, expected):
     sp.SET(model, optimizer, **kw)
     with pytest.warns(UserWarning, match=expected) as caught:
         train(model, optimizer, 3)
-    assert len([w for w in caught if "the topology" in str(w.message)]) == 1
+    (warning,) = [w for w in caught if "the topology" in str(w.message)]
+    assert warning.filename == __file__  # the user's optimizer.step(), not torch's hook
     # and no warning where there are enough updates, nor for Static
     for algorithm in sorted(sp.ALGORITHMS):
         kw = {} if algorithm == "static" else {"total_steps": 60}
