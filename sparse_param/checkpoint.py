@@ -182,6 +182,12 @@ def check_state_dict(
     Raises:
         RuntimeError: one line per problem, naming the key or layer and what is wrong.
     """
+    return _check(model, state_dict, strict, prefix)[0]
+
+
+def _check(
+    model: nn.Module, state_dict: Mapping[str, Any], strict: bool | None, prefix: str
+) -> tuple[dict[SparseMask, int], _Expected]:
     expected = _Expected(model, prefix)
     given = [key for key in state_dict if key.startswith(prefix)]
     problems: list[str] = []
@@ -237,7 +243,7 @@ def check_state_dict(
             f"Error(s) in loading state_dict for {type(model).__name__}; no tensor of it was "
             f"copied:" + "".join(f"\n\t{p}" for p in shown)
         )
-    return loaded
+    return loaded, expected
 
 
 def _listed(keys: list[str], limit: int = 8) -> str:
@@ -284,12 +290,28 @@ def check_before_load(
 ) -> None:
     """Load pre-hook (``register_load_state_dict_pre_hook``) of a sparsified module and
     of each sparse layer: :func:`check_state_dict` on the entries of its subtree, then
-    record each loaded mask's active count as its ``allocated``."""
+    record each loaded mask's active count as its ``allocated``.
+
+    A sparse layer whose entries an enclosing module's hook has just checked (torch runs
+    the root's hook first, then each child's, on the same tensors) is not checked again.
+    """
     if not any(isinstance(m, SparseMask) for m in module.modules()):
         return  # finalized: a plain model loads as torch loads it
-    loaded = check_state_dict(module, state_dict, _caller_strict(), prefix)
-    for parametrization, count in loaded.items():
-        parametrization.allocated = count
+    mine = _layer_entries(state_dict, prefix) if _has_sparse_weight(module) else None
+    if mine is not None and module.parametrizations.weight[0].consume_checked(mine):
+        return
+    loaded, expected = _check(module, state_dict, _caller_strict(), prefix)
+    for at, parametrization in expected.sparse.items():
+        if parametrization in loaded:
+            parametrization.allocated = loaded[parametrization]
+            if at != prefix:  # for its own hook, which runs next
+                parametrization.mark_checked(_layer_entries(state_dict, at))
+
+
+def _layer_entries(state_dict: Mapping[str, Any], at: str) -> tuple[Any, ...] | None:
+    """A sparse layer's stored weight, mask and ever_active in ``state_dict``."""
+    entries = tuple(state_dict.get(at + end) for end in (_ORIGINAL, _MASK, _EVER))
+    return entries if all(isinstance(e, Tensor) for e in entries) else None
 
 
 def install(model: nn.Module) -> None:

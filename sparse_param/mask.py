@@ -166,6 +166,8 @@ class SparseMask(nn.Module):
         self._grad_pending: str | None = None
         # (weight.grad, its version, the mask's) right after it was masked
         self._clean_grad: tuple[weakref.ref[Tensor], int, int] | None = None
+        # the checkpoint entries an enclosing module's load pre-hook just checked
+        self._checked: tuple[weakref.ref[Tensor], ...] | None = None
 
     def __getstate__(self) -> dict[str, object]:
         # Copies (EMA deepcopies, pickles) start without references to this weight and
@@ -173,7 +175,7 @@ class SparseMask(nn.Module):
         state = dict(self.__dict__)
         state.update(
             _hooked=None, _grad_pending=None, _clean_grad=None, _capture_hooked=None,
-            _sink=None, _sharded=None,
+            _sink=None, _sharded=None, _checked=None,
         )  # fmt: skip
         return state
 
@@ -231,6 +233,16 @@ class SparseMask(nn.Module):
     def right_inverse(self, weight: Tensor) -> Tensor:
         """Store ``weight`` zeroed where inactive (``module.weight = w`` goes through it)."""
         return torch.where(self.mask, weight, 0)
+
+    def mark_checked(self, entries: tuple[Tensor, ...] | None) -> None:
+        """Remember the checkpoint tensors (stored weight, mask, ever_active) of this
+        layer that a load pre-hook has checked (weakly: they belong to the caller)."""
+        self._checked = None if entries is None else tuple(weakref.ref(e) for e in entries)
+
+    def consume_checked(self, entries: tuple[Tensor, ...]) -> bool:
+        """Whether ``entries`` are the very tensors last marked checked; forget them."""
+        checked, self._checked = self._checked, None
+        return checked is not None and all(r() is e for r, e in zip(checked, entries))
 
     def hook_accumulation(self, weight: Tensor) -> None:
         """Register the post-accumulate-grad hook on the stored ``weight`` (a leaf

@@ -392,3 +392,24 @@ def test_a_valid_load_after_a_refused_one_is_exact(check_invariants):
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
     assert copy.deepcopy(model).load_state_dict(state) is not None
+
+
+def test_a_load_checks_each_layer_once_and_a_layer_alone_still_checks(monkeypatch):
+    """The root's hook checks the whole subtree; each sparse layer's own hook, which
+    torch runs next on the same tensors, does not check them again. Loading a layer on
+    its own, after that, is checked in full."""
+    from sparse_param import checkpoint as ckpt
+
+    calls = []
+    check = ckpt._check
+    monkeypatch.setattr(ckpt, "_check", lambda *a: calls.append(a[3]) or check(*a))
+    model = sparse_net(1)
+    model.load_state_dict(checkpoint(0))
+    assert calls == [""]  # the root only: no second pass per sparse layer
+    layer = model[0]
+    state = {k[len("0.") :]: v for k, v in checkpoint(0).items() if k.startswith("0.")}
+    layer.load_state_dict(state)
+    assert calls == ["", ""]
+    state[MASK] = torch.zeros_like(state[MASK])
+    with pytest.raises(RuntimeError, match="keeps no weight|all False|no active"):
+        layer.load_state_dict(state)
