@@ -3,6 +3,7 @@
 from . import compute, fsdp, models, plots  # models: registers the papers' architectures with timm
 from .algorithms import ALGORITHMS, DSR, GMP, SET, SNFS, GraNet, RigL, SRigL, Static
 from .allocation import allocate, apportion
+from .attachment import attached_scheduler
 from .capacity import SameCapacity, capacity, same_capacity_dense
 from .export import (
     dense_state_dict,
@@ -26,7 +27,7 @@ from .metrics import (
     layer_table,
     summary,
 )
-from .scheduler import SparseScheduler, attached_scheduler
+from .scheduler import SparseScheduler
 from .sparsify import rescale_to_active_fan_in, sparsify
 
 __all__ = [

@@ -12,10 +12,8 @@ model, validated schedule attributes, validated state).
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import warnings
-import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,8 +21,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from . import distributed, fsdp
+from . import attachment, distributed, fsdp
 from .allocation import apportion
+from .arguments import check_int, check_real
 from .layers import SparseLayer, sparse_layers
 from .metrics import density, egf_at_update, itop_rate
 from .sampling import random_subset
@@ -38,61 +37,6 @@ from .zeroing import InactiveZeroing
 OPTIMIZER_STATE_KEY = "sparse_param"  # where the scheduler's state sits in optimizer.state_dict()
 HISTORY_SIZE = 20  # full update records a checkpoint keeps (so checkpoints stay bounded)
 FEW_UPDATES = 5  # a schedule with fewer topology updates than this gets a warning
-
-# The scheduler attached to each optimizer and to each sparse layer's SparseMask. Keys are
-# held weakly (a dropped optimizer or model frees its entry); values are weak references
-# too, so the registry keeps nothing alive.
-_ATTACHED: weakref.WeakKeyDictionary[object, weakref.ref[SparseScheduler]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def attached_scheduler(obj: torch.optim.Optimizer | nn.Module) -> SparseScheduler | None:
-    """The scheduler attached to an optimizer, or to any sparse layer of a model (DDP and
-    torch.compile wrappers are looked through); None if there is none.
-
-    Call its :meth:`~SparseScheduler.remove` to detach it.
-    """
-    if isinstance(obj, torch.optim.Optimizer):
-        keys: list[object] = [obj]
-    else:
-        keys = [layer.parametrization for layer in sparse_layers(obj)]
-    for key in keys:
-        ref = _ATTACHED.get(key)
-        if ref is not None and ref() is not None:
-            return ref()
-    return None
-
-
-def check_int(owner: str, name: str, value: Any, minimum: int) -> int:
-    """``value`` as a Python int (numpy integers accepted), refusing anything below
-    ``minimum``; errors name ``owner`` (the class the user called) and ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: {name} must be an int, got {value!r} ({type(value).__name__})")
-    if not isinstance(value, numbers.Integral) and not float(value).is_integer():
-        raise ValueError(f"{owner}: {name} must be a whole number, got {value!r}")
-    if not float(value) >= minimum:
-        raise ValueError(f"{owner}: {name} must be an int ≥ {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_real(
-    owner: str, name: str, value: Any, low: float, high: float, *, open_low: bool = False,
-    open_high: bool = False,
-) -> float:  # fmt: skip
-    """``value`` as a Python float (numpy scalars accepted) in ``[low, high]``, each end
-    excluded where ``open_low`` / ``open_high``; NaN never passes. Errors name ``owner``
-    (the class the user called) and ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: {name} must be a number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    above = value > low if open_low else value >= low
-    below = value < high if open_high else value <= high
-    if not (above and below):
-        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-        raise ValueError(f"{owner}: {name} must be in {interval}, got {value!r}")
-    return value
-
 
 def _schedule_attribute(name: str, doc: str) -> property:
     """A schedule attribute: reading returns it, assigning validates the whole schedule
@@ -156,7 +100,7 @@ class SparseScheduler:
     real optimizer steps count.
 
     One scheduler per optimizer and per model: a second one is refused until the first
-    is :meth:`remove`-d (:func:`attached_scheduler` finds it).
+    is :meth:`remove`-d (:func:`~sparse_param.attached_scheduler` finds it).
 
     Checkpoints: :meth:`state_dict` holds the algorithm's name, the layers' names and
     shapes, the counters, the generator and the last ``history_size`` records. It is
@@ -244,7 +188,7 @@ class SparseScheduler:
                 f"model.parameters() (after or before sparsify, both work)"
             )
         for what, obj in (("optimizer", optimizer), ("model", model)):
-            first = attached_scheduler(obj)
+            first = attachment.attached_scheduler(obj)
             if first is not None:
                 raise RuntimeError(
                     f"{owner}: {first!r} is already attached to this {what}; two schedulers "
@@ -300,8 +244,7 @@ class SparseScheduler:
             optimizer.register_load_state_dict_pre_hook(self._check_optimizer_state),
             optimizer.register_load_state_dict_post_hook(self._load_from_optimizer_state),
         ]
-        for key in [optimizer, *(layer.parametrization for layer in layers)]:
-            _ATTACHED[key] = weakref.ref(self)
+        attachment.attach(self, [optimizer, *(layer.parametrization for layer in layers)])
         self._arm_dense_grad()
 
     # ----------------------------------------------------------------- the criteria
@@ -652,10 +595,7 @@ class SparseScheduler:
         for handle in self._state_hooks:
             handle.remove()
         self._state_hooks = []
-        for key in [self.optimizer, *(layer.parametrization for layer in self.layers)]:
-            ref = _ATTACHED.get(key)
-            if ref is not None and ref() is self:
-                del _ATTACHED[key]
+        attachment.detach(self, [self.optimizer, *(layer.parametrization for layer in self.layers)])
         self._zeroing.remove()
         fsdp.capture_through_sinks(self.layers, on=False)
         for layer in self.layers:

@@ -11,7 +11,8 @@ from torch import nn
 
 from .. import fsdp
 from ..allocation import apportion
-from ..scheduler import SparseScheduler, check_int, check_real, redistribute
+from ..arguments import check_int, check_real
+from ..scheduler import SparseScheduler, redistribute
 from ..schedules import doubling_interval
 
 

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from ..allocation import allocate
+from ..arguments import check_real
 from ..layers import SparseLayer
-from ..scheduler import SparseScheduler, check_real
+from ..scheduler import SparseScheduler
 from ..schedules import cubic_decay
 from ..structure import Structure, group_counts, parse_structure
 

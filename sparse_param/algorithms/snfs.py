@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
+from ..arguments import check_real
 from ..layers import SparseLayer
-from ..scheduler import SparseScheduler, check_real, redistribute
+from ..scheduler import SparseScheduler, redistribute
 
 
 class SNFS(SparseScheduler):

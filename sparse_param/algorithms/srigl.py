@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import fsdp
+from ..arguments import check_real
 from ..layers import SparseLayer
-from ..scheduler import check_real
 from ..structure import group_counts
 from .rigl import RigL
 
