@@ -81,10 +81,11 @@ except ImportError:  # running from a checkout without `pip install -e .`
 import sparse_param.models  # noqa: F401  (registers the papers' models with timm)
 from sparse_param import plots
 from sparse_param.layers import unwrap
+from sparse_param.structure import parse_structure
 
 _logger = logging.getLogger("train")
 
-SPARSE_METHODS = ("dense", "static", "set", "rigl", "snfs", "dsr", "gmp", "granet")
+SPARSE_METHODS = ("dense", "static", "set", "rigl", "srigl", "snfs", "dsr", "gmp", "granet")
 PRUNING_METHODS = ("gmp", "granet")  # start dense (density 1.0), prune to --density
 SPARSE_CHECKPOINT_KEY = "sparse_scheduler"
 LR_SCHEDULER_CHECKPOINT_KEY = "lr_scheduler"
@@ -302,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--density",
         type=float,
-        default=0.1,
-        help="share of active weights over the sparse layers (final density for gmp/granet)",
+        default=None,
+        help="share of active weights over the sparse layers (final density for gmp/granet; "
+        "default 0.1, or N/M with an N:M --sparse-structure)",
     )
     g.add_argument("--sparse-method", default="rigl", choices=SPARSE_METHODS)
     g.add_argument(
@@ -361,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=False,
         help="keep the last layer (classifier) dense",
+    )
+    g.add_argument(
+        "--sparse-structure",
+        default=None,
+        metavar="fan_in|N:M",
+        help="structured masks: 'fan_in' (every output unit keeps the same number of "
+        "inputs) or 'N:M' (N of every M consecutive inputs, e.g. 2:4); srigl defaults to "
+        "fan_in; gmp prunes to the structure; snfs, dsr and granet refuse one",
     )
     g.add_argument(
         "--sparse-seed",
@@ -477,12 +487,41 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str]:
         args.data_dir = args.data
     if args.data_dir is None:
         parser.error("give the dataset root with --data-dir (or as the positional DIR)")
-    if not 0 < args.density <= 1:
-        parser.error(f"--density must be in (0, 1], got {args.density}")
     if args.dense_first_last:
         args.dense_first = args.dense_last = True
+    check_structure(parser, args)
+    if args.density is None:
+        args.density = 0.1
+    if not 0 < args.density <= 1:
+        parser.error(f"--density must be in (0, 1], got {args.density}")
     args_text = yaml.safe_dump(vars(args), default_flow_style=False, sort_keys=False)
     return args, args_text
+
+
+def check_structure(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a ``--sparse-structure`` that is malformed, that the method cannot keep,
+    or whose N:M ratio is not ``--density``; default ``--density`` to N/M."""
+    if args.sparse_structure is None:
+        return
+    try:
+        structure = parse_structure(args.sparse_structure)
+    except (TypeError, ValueError) as e:
+        parser.error(f"--sparse-structure: {e}")
+    if args.sparse_method in ("dense", "snfs", "dsr", "granet"):
+        parser.error(
+            f"--sparse-structure {structure}: --sparse-method {args.sparse_method} cannot "
+            f"keep a structure (use static, set, rigl, srigl or gmp)"
+        )
+    if structure.kind == "fan_in":  # any density
+        return
+    ratio = structure.n / structure.m
+    if args.density is None:
+        args.density = ratio
+    elif abs(args.density - ratio) > 1e-12:
+        parser.error(
+            f"--density {args.density:g} with --sparse-structure {structure}: N:M fixes the "
+            f"density at {ratio:g}; pass --density {ratio:g} or leave it out"
+        )
 
 
 # ----------------------------------------------------------------------- utilities
@@ -637,6 +676,39 @@ def soft_target_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> tor
     return torch.sum(-target * F.log_softmax(output, dim=-1), dim=-1).mean()
 
 
+def sparse_structure(args) -> str | None:
+    """``--sparse-structure``, or fan_in for SRigL, which needs constant fan-in."""
+    if args.sparse_structure is None and args.sparse_method == "srigl":
+        return "fan_in"
+    return args.sparse_structure
+
+
+def setup_sparsity(args, model: nn.Module) -> bool:
+    """``sparsify`` the model for ``--sparse-method`` (a pruning method starts dense and
+    is given the structure to prune to instead); whether the model is sparse."""
+    if args.sparse_method == "dense":
+        return False
+    pruning = args.sparse_method in PRUNING_METHODS
+    sparse_param.sparsify(
+        model,
+        density=1.0 if pruning else args.density,
+        distribution=args.distribution,
+        dense_first=args.dense_first,
+        dense_last=args.dense_last,
+        seed=args.sparse_seed,
+        sparse_init=args.sparse_init,
+        structure=None if pruning else sparse_structure(args),
+    )
+    _logger.info(
+        f"Sparsified ({args.sparse_method}, {args.distribution}): density "
+        f"{sparse_param.density(model):.4f} over "
+        f"{sum(1 for _ in sparse_param.sparse_layers(model))} layers"
+        + (f", pruning to {args.density}" if pruning else "")
+        + (f", structure {sparse_structure(args)}" if sparse_structure(args) else "")
+    )
+    return True
+
+
 def build_sparse_scheduler(args, model, optimizer, total_steps):
     """The sparse_param scheduler of ``--sparse-method`` (None for dense)."""
     method = args.sparse_method
@@ -656,6 +728,8 @@ def build_sparse_scheduler(args, model, optimizer, total_steps):
     )
     if method in PRUNING_METHODS:
         kwargs.update(density=args.density, distribution=args.distribution)
+        if args.sparse_structure is not None:
+            kwargs.update(structure=args.sparse_structure)
     if method == "dsr":
         kwargs.update(threshold=args.dsr_threshold, target_pruned=args.dsr_target_pruned)
     return cls(model, optimizer, **kwargs)
@@ -1014,24 +1088,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"Model {args.model} created, param count: {sum(p.numel() for p in model.parameters())}"
     )
     data_config = resolve_data(args, model)
-    sparse = args.sparse_method != "dense"
-    if sparse:
-        start_density = 1.0 if args.sparse_method in PRUNING_METHODS else args.density
-        sparse_param.sparsify(
-            model,
-            density=start_density,
-            distribution=args.distribution,
-            dense_first=args.dense_first,
-            dense_last=args.dense_last,
-            seed=args.sparse_seed,
-            sparse_init=args.sparse_init,
-        )
-        _logger.info(
-            f"Sparsified ({args.sparse_method}, {args.distribution}): density "
-            f"{sparse_param.density(model):.4f} over "
-            f"{sum(1 for _ in sparse_param.sparse_layers(model))} layers"
-            + (f", pruning to {args.density}" if args.sparse_method in PRUNING_METHODS else "")
-        )
+    sparse = setup_sparsity(args, model)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

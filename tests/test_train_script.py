@@ -21,6 +21,7 @@ import pytest
 import timm
 import torch
 
+import sparse_param as sp
 from sparse_param import dense_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,11 +292,12 @@ def test_ddp_two_processes(mnist_folder, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["set", "rigl", "snfs"])
+@pytest.mark.parametrize("method", ["set", "rigl", "snfs", "srigl"])
 def test_torchcompile_trains_with_exact_zeros(mnist_folder, tmp_path, method):
     """``--torchcompile aot_eager`` with an EMA: random growth (SET), the dense-gradient
-    capture before updates (RigL) and on every step (SNFS); the saved model and EMA
-    store exact zeros where inactive."""
+    capture before updates (RigL) and on every step (SNFS), structured (SRigL: constant
+    fan-in by default); the saved model and EMA store exact zeros where inactive, and
+    SRigL's masks keep one fan-in per layer (every live output unit the same count)."""
     out = tmp_path / "out"
     _run(
         [
@@ -346,6 +348,9 @@ def test_torchcompile_trains_with_exact_zeros(mnist_folder, tmp_path, method):
         for name in masks:
             stored = state[name.replace(".0.mask", ".original")]
             assert bool((stored[~state[name]] == 0).all()), (key, name)
+            if method == "srigl":  # ablated units keep none
+                fan_in = state[name].flatten(1).sum(1)
+                assert fan_in[fan_in > 0].unique().numel() == 1, (key, name)
 
 
 # ------------------------------------------------------------------ configuration
@@ -424,6 +429,60 @@ def test_sparse_flags():
         train.parse_args(["d", "--sparse-method", "magic"])
     with pytest.raises(SystemExit):
         train.parse_args(["d", "--density", "0"])
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--sparse-structure", "3:2"], "--sparse-structure: unknown structure '3:2'"),
+        *(
+            (["--sparse-method", m, "--sparse-structure", "fan_in"], f"method {m} cannot keep")
+            for m in ("snfs", "dsr", "granet", "dense")
+        ),
+        (["--sparse-structure", "2:4", "--density", "0.1"], "N:M fixes the density at 0.5"),
+    ],
+)
+def test_a_bad_sparse_structure_is_refused_at_parse_time(capsys, flags, words):
+    with pytest.raises(SystemExit):
+        train.parse_args(["d", *flags])
+    assert words in capsys.readouterr().err
+
+
+def test_an_n_m_structure_sets_the_density_and_fan_in_keeps_the_default():
+    assert train.parse_args(["d", "--sparse-structure", "1:4"])[0].density == 0.25
+    assert train.parse_args(["d", "--sparse-structure", "fan_in"])[0].density == 0.1
+    assert train.parse_args(["d"])[0].density == 0.1
+
+
+@pytest.mark.parametrize(
+    "flags, structure",
+    [
+        (["--sparse-method", "srigl"], "fan_in"),  # SRigL's default
+        (["--sparse-method", "rigl", "--sparse-structure", "2:4"], "2:4"),
+        (["--sparse-method", "static", "--sparse-structure", "fan_in"], "fan_in"),
+    ],
+)
+def test_setup_sparsity_gives_the_structure(flags, structure):
+    from sparse_param.structure import structure_of
+
+    args, _ = train.parse_args(["d", *flags])
+    torch.manual_seed(0)
+    model = timm.create_model("lenet_300_100", num_classes=10)
+    assert train.setup_sparsity(args, model)
+    layers = list(sp.sparse_layers(model))
+    assert layers and all(str(structure_of(layer.parametrization)) == structure for layer in layers)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train.build_sparse_scheduler(args, model, optimizer, total_steps=100)  # accepts it
+
+
+def test_gmp_with_a_structure_starts_dense_and_prunes_to_it():
+    args, _ = train.parse_args(["d", "--sparse-method", "gmp", "--sparse-structure", "2:4"])
+    model = timm.create_model("lenet_300_100", num_classes=10)
+    train.setup_sparsity(args, model)
+    assert sp.density(model) == 1.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gmp = train.build_sparse_scheduler(args, model, optimizer, total_steps=100)
+    assert str(gmp.structure) == "2:4"
 
 
 def test_plots(tmp_path):
