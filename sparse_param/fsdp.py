@@ -14,9 +14,10 @@ of sharded float32 weight. Where the library writes to a sharded tensor (re-zero
 a step, pruning and growing, zeroing optimizer state) it writes the local shard with the
 matching slice of the mask; an update gathers each layer's weight (``full_tensor``) so a
 layer's top-k is global over its shards and every rank computes the same new mask.
-The dense gradient of a capture step reaches no hook on either weight (FSDP2 swaps the
-all-gathered copy in and fills the sharded ``.grad`` itself), so the scheduler gives
-each sharded layer a sink (:func:`capture_through_sinks`), eager and compiled alike.
+The dense gradient of a capture step reaches no hook on the stored weight (FSDP2 swaps
+an all-gathered copy in), so it is taken from the sharded ``.grad`` once FSDP2 has
+reduce-scattered it (:func:`capture_after_reduce`): sharded like the weight until the
+update, reduced and accumulated by FSDP2 itself, eager and compiled alike.
 """
 
 from __future__ import annotations
@@ -68,14 +69,23 @@ def refuse_sharded(targets: Mapping[str, nn.Module]) -> None:
         )
 
 
-def capture_through_sinks(layers: Iterable[SparseLayer], on: bool = True) -> None:
-    """Make every layer whose stored weight is sharded capture its dense gradient through
-    a sink (:meth:`~sparse_param.mask.SparseMask.capture_through_sink`); ``on=False``
-    undoes it. The scheduler calls it when it is created and removed."""
+def capture_after_reduce(layers: Iterable[SparseLayer], on: bool = True) -> None:
+    """Make every layer whose stored weight is sharded capture its dense gradient after
+    FSDP2's reduce-scatter (:meth:`~sparse_param.mask.SparseMask.capture_after_reduce`);
+    ``on=False`` undoes it. The scheduler calls it when it is created and removed."""
     for layer in layers:
         weight = layer.weight
         sharded = on and isinstance(weight, DTensor)
-        layer.parametrization.capture_through_sink(weight if sharded else None)
+        layer.parametrization.capture_after_reduce(weight if sharded else None)
+
+
+def averaged(grad: Tensor) -> Tensor:
+    """A captured dense gradient averaged over ranks, whole: a sharded one (already
+    averaged by FSDP2's reduce-scatter) is gathered, a plain one is all-reduced in place
+    (DDP). Collective: every rank must call it."""
+    if isinstance(grad, DTensor):
+        return grad.full_tensor()
+    return distributed.average_(grad)
 
 
 class SchedulerState:

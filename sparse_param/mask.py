@@ -6,6 +6,7 @@ import weakref
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from . import fsdp
 
@@ -87,27 +88,20 @@ def accumulates(ctx: object, index: int = 0) -> bool:
 class _GradThrough(torch.autograd.Function):
     """``weight`` zeroed where the mask is off in forward, the whole gradient in backward.
 
-    Used on dense-gradient capture steps. Without a ``sink`` the dense gradient goes on
-    to the stored weight's tensor hook (:meth:`SparseMask.grad_hook`), which keeps it
-    and masks what goes on to ``.grad``. With a ``sink`` (a leaf shaped like the
-    weight, :meth:`SparseMask.capture_through_sink`) the weight's gradient is masked
-    here and the dense one is the sink's gradient. Both hooks run in the autograd
-    engine outside any compiled graph, so capture adds no graph break under
-    ``torch.compile``.
+    Used on dense-gradient capture steps: the dense gradient reaches the stored weight's
+    tensor hook (:meth:`SparseMask.grad_hook`), which keeps it and masks what goes on to
+    ``.grad`` (under FSDP2, the sharded weight's post-accumulate-grad hook does, after
+    the reduce-scatter: :meth:`SparseMask.capture_after_reduce`). Both hooks run outside
+    any compiled graph, so capture adds no graph break under ``torch.compile``.
     """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, mask: Tensor, sink: Tensor | None) -> Tensor:  # noqa: D102
-        ctx.save_for_backward(mask)
-        ctx.sink = sink is not None
+    def forward(ctx, weight: Tensor, mask: Tensor) -> Tensor:  # noqa: D102
         return torch.where(mask, weight, 0)  # NaN-safe
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor | None]:  # noqa: D102
-        if not ctx.sink:
-            return grad, None, None
-        (mask,) = ctx.saved_tensors
-        return torch.where(mask, grad, 0), None, grad
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        return grad, None
 
 
 class SparseMask(nn.Module):
@@ -139,7 +133,7 @@ class SparseMask(nn.Module):
     the stored weight (``sparsify`` registers it, an eager capture forward registers it
     on a stored weight that lacks it), never inside the forward, so ``torch.compile``
     traces the forward of every kind of step without a graph break. Under FSDP2 the
-    gradient goes to a sink instead (:meth:`capture_through_sink`).
+    sharded weight's hook takes it instead (:meth:`capture_after_reduce`).
     """
 
     mask: Tensor
@@ -158,8 +152,9 @@ class SparseMask(nn.Module):
         self.capture_dense_grad = False
         self.dense_grad: Tensor | None = None
         self._capture_hooked: weakref.ref[Tensor] | None = None  # weight carrying grad_hook
-        self._sink: Tensor | None = None  # FSDP2: the leaf that receives the dense gradient
-        self._sharded: weakref.ref[Tensor] | None = None  # FSDP2: the sharded stored weight
+        self._sharded_hook: RemovableHandle | None = None  # FSDP2: on the sharded weight
+        self._sharded = False  # whether it captures (the forward reads a bool: dynamo)
+        self._reduced: weakref.ref[Tensor] | None = None  # FSDP2: the sharded .grad last seen
         self._hooked: weakref.ref[Tensor] | None = None  # weight carrying our grad hook
         # What the post-accumulate-grad hook does with the next gradient: "mask" an
         # unmasked one, vouch for an "exact" one (zero where inactive by construction).
@@ -175,15 +170,15 @@ class SparseMask(nn.Module):
         state = dict(self.__dict__)
         state.update(
             _hooked=None, _grad_pending=None, _clean_grad=None, _capture_hooked=None,
-            _sink=None, _sharded=None, _checked=None,
+            _sharded_hook=None, _sharded=False, _reduced=None, _checked=None,
         )  # fmt: skip
         return state
 
     def forward(self, weight: Tensor) -> Tensor:
         if self.capture_dense_grad and torch.is_grad_enabled() and weight.requires_grad:
-            if self._sink is None and not torch.compiler.is_compiling():
+            if not self._sharded and not torch.compiler.is_compiling():
                 self.hook_weight(weight)  # a stored weight that sparsify did not hook
-            return _GradThrough.apply(weight, self.mask, self._sink)
+            return _GradThrough.apply(weight, self.mask)
         if torch.compiler.is_compiling():
             # NaN-safe selection, no version bookkeeping; fused by the compiler
             out = torch.where(self.mask, weight, 0)
@@ -291,41 +286,45 @@ class SparseMask(nn.Module):
         on ``grad`` exactly zero where inactive. Otherwise leave ``grad`` as it is."""
         if not self.capture_dense_grad:
             return None
-        self._add_dense_grad(grad.detach().clone(), fresh=weight.grad is None)
+        if weight.grad is None or self.dense_grad is None:
+            self.dense_grad = grad.detach().clone()
+        else:
+            self.dense_grad += grad.detach()
         return torch.where(self.mask, grad, 0)
 
-    def _add_dense_grad(self, grad: Tensor, fresh: bool) -> None:
-        if fresh or self.dense_grad is None:
-            self.dense_grad = grad
-        else:
-            self.dense_grad += grad
+    def capture_after_reduce(self, sharded: Tensor | None) -> None:
+        """Capture the dense gradient from the sharded ``.grad`` of ``sharded`` (the
+        DTensor parameter FSDP2 made of the stored weight) instead of the stored
+        weight's tensor hook; None: back to the hook.
 
-    def capture_through_sink(self, sharded: Tensor | None) -> None:
-        """Capture the dense gradient through a sink instead of the stored weight's hook;
-        for a weight sharded by FSDP2 (``sharded``, the DTensor parameter; None: back to
-        the hook).
-
-        FSDP2 swaps in an all-gathered copy of the weight for forward and backward and
-        fills the sharded weight's ``.grad`` itself, after the backward pass of its
-        group, so no hook on either weight sees the gradient, eager or compiled. On a
-        capture step the forward takes a sink along: a leaf shaped like the weight
-        (one element of storage, expanded) whose gradient is the dense gradient of this
-        rank's loss; its post-accumulate-grad hook moves it to ``dense_grad``, afresh
-        while the sharded ``.grad`` is None (after ``zero_grad()``), summed otherwise.
+        FSDP2 swaps an all-gathered copy of the weight in for forward and backward, so no
+        hook on the stored weight sees its gradient. On a capture step the all-gathered
+        copy receives the whole gradient (:class:`_GradThrough`), FSDP2 reduce-scatters
+        it into the sharded ``.grad`` (averaged over ranks, accumulated as ``.grad`` is:
+        across backward passes, across microbatches without gradient sync, afresh after
+        ``zero_grad()``) and runs this hook: ``dense_grad`` becomes that reduced shard
+        (a DTensor) and ``.grad`` is masked in place, before any clipping or step.
         """
-        if sharded is None:
-            self._sink = self._sharded = None
-            return
-        local = sharded.to_local()
-        sink = torch.zeros((), dtype=local.dtype, device=local.device).expand(self.mask.shape)
-        sink = sink.detach().requires_grad_()
-        sink.register_post_accumulate_grad_hook(self._from_sink)
-        self._sink, self._sharded = sink, weakref.ref(sharded)
+        if self._sharded_hook is not None:
+            self._sharded_hook.remove()
+        self._sharded_hook = self._reduced = None
+        self._sharded = sharded is not None
+        if sharded is not None:
+            self._sharded_hook = sharded.register_post_accumulate_grad_hook(self._after_reduce)
 
-    def _from_sink(self, sink: Tensor) -> None:
-        grad, sink.grad = sink.grad, None  # moved, not copied
-        sharded = self._sharded() if self._sharded is not None else None
-        self._add_dense_grad(grad, fresh=sharded is None or sharded.grad is None)
+    def _after_reduce(self, sharded: Tensor) -> None:
+        if not self.capture_dense_grad:
+            return  # the gradient arrived masked
+        grad = sharded.grad
+        data, mask = fsdp.local_pair(grad, self.mask)
+        fresh = self.dense_grad is None or self._reduced is None or self._reduced() is not grad
+        if fresh:  # FSDP2 assigned a new .grad: nothing accumulated before it
+            self.dense_grad = grad.detach().clone()
+        else:  # added to the masked .grad we left: the inactive part adds to ours
+            dense = fsdp.local_pair(self.dense_grad, self.mask)[0]
+            dense.copy_(torch.where(mask, data, dense + data))
+        zero_where_inactive_(data, mask)
+        self._reduced = weakref.ref(grad)
 
     def extra_repr(self) -> str:
         meta = self.mask.is_meta  # not drawn yet: the allocation's count

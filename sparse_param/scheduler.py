@@ -231,7 +231,7 @@ class SparseScheduler:
                 stacklevel=2,
             )
         self._zeroing = InactiveZeroing(optimizer, self.layers)
-        fsdp.capture_through_sinks(self.layers)
+        fsdp.capture_after_reduce(self.layers)
         self._hook = (
             optimizer.register_step_post_hook(self._after_optimizer_step) if attach else None
         )
@@ -566,7 +566,7 @@ class SparseScheduler:
                     f"{layer.name!r} before the update at step {self.step_count}; run "
                     f"forward and backward through the model before optimizer.step()"
                 )
-            distributed.average_(grad)
+            layer.parametrization.dense_grad = fsdp.averaged(grad)
 
     def _clear_dense_grads(self) -> None:
         for layer in self.layers:
@@ -597,7 +597,7 @@ class SparseScheduler:
         self._state_hooks = []
         attachment.detach(self, [self.optimizer, *(layer.parametrization for layer in self.layers)])
         self._zeroing.remove()
-        fsdp.capture_through_sinks(self.layers, on=False)
+        fsdp.capture_after_reduce(self.layers, on=False)
         for layer in self.layers:
             layer.parametrization.capture_dense_grad = False
         self._clear_dense_grads()

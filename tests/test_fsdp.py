@@ -154,19 +154,28 @@ def _graph_breaks(rank: int) -> dict[str, dict]:
 
 
 def _captured_twice_and_afresh(rank: int) -> dict[str, torch.Tensor]:
-    """RigL's dense gradient on a sharded model after one backward pass, after a second
-    one on the same batch without ``zero_grad()`` (accumulated: twice as much), and after
-    ``zero_grad()`` and one more (afresh: as after one)."""
+    """RigL's dense gradient of fc1 on a sharded model (a DTensor shard until the update,
+    gathered here) after one backward pass, after a second one on the same batch
+    without ``zero_grad()`` (accumulated: twice as much), after ``zero_grad()`` and one
+    more (afresh: as after one), and after ``zero_grad()``, one without gradient sync
+    and one with it (FSDP2 accumulates unsharded and reduce-scatters once: twice as
+    much); and the sharded ``.grad`` each time (masked)."""
     model, optimizer, scheduler = build("rigl", shard=True)
     x, y = helpers.batch(0, 8)
     data = x[4 * rank : 4 * rank + 4], y[4 * rank : 4 * rank + 4]
     helpers.set_capture(model, True)
+    fc1 = model.fc1.parametrizations.weight
     out = {}
-    for key in ("once", "twice", "afresh"):
-        if key == "afresh":
+    for key in ("once", "twice", "afresh", "no sync", "synced"):
+        if key in ("afresh", "no sync"):
             optimizer.zero_grad()
+        model.fc1.set_requires_gradient_sync(key != "no sync")
         helpers.loss_of(model, data).backward()
-        out[key] = model.fc1.parametrizations.weight[0].dense_grad.clone()
+        if key == "no sync":
+            continue  # nothing reduced yet
+        out[key] = fc1[0].dense_grad.full_tensor()
+        out[f"{key} grad"] = fc1.original.grad.full_tensor()
+    out["mask"] = fc1[0].mask.clone()
     scheduler.remove()
     return out
 
@@ -263,15 +272,20 @@ def test_compiled_fsdp_breaks_graphs_only_in_fsdp_hooks(fsdp_run):
             assert all("torch/distributed/fsdp" in f for f in breaks["files"]), (kind, breaks)
 
 
-def test_sharded_capture_accumulates_over_backward_passes_and_restarts_after_zero_grad(
-    fsdp_run,
-):
+def test_sharded_capture_accumulates_as_grad_does_and_the_grad_is_masked(fsdp_run):
     _, ranks = fsdp_run
+    once = ranks[0]["capture"]["once"]
     for rank in ranks:
         capture = rank["capture"]
         assert capture["once"].abs().sum() > 0
-        torch.testing.assert_close(capture["twice"], 2 * capture["once"])
-        torch.testing.assert_close(capture["afresh"], capture["once"])
+        torch.testing.assert_close(capture["once"], once)  # averaged over the ranks
+        torch.testing.assert_close(capture["twice"], 2 * once)
+        torch.testing.assert_close(capture["afresh"], once)
+        torch.testing.assert_close(capture["synced"], 2 * once)
+        for key in ("once", "twice", "afresh", "synced"):  # what the optimizer sees
+            grad, mask = capture[f"{key} grad"], capture["mask"]
+            assert bool((grad[~mask] == 0).all()), key
+            torch.testing.assert_close(grad[mask], capture[key][mask])
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)

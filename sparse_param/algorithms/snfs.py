@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import distributed
+from .. import distributed, fsdp
 from ..arguments import check_real
 from ..layers import SparseLayer
 from ..scheduler import SparseScheduler, redistribute
@@ -63,8 +63,8 @@ class SNFS(SparseScheduler):
     def observe(self) -> None:
         for buffer, layer in zip(self.buffers, self.layers):
             grad = layer.parametrization.dense_grad
-            if grad is not None:
-                buffer.mul_(self.momentum).add_(grad)
+            if grad is not None:  # sharded under FSDP2: gathered (reduced already)
+                buffer.mul_(self.momentum).add_(fsdp.full(grad))
                 layer.parametrization.dense_grad = None
 
     def before_update(self) -> None:
