@@ -43,6 +43,8 @@ def build(algorithm: str, shard: bool):
     kw = {} if algorithm == "static" else {"total_steps": 12, "update_interval": 3}
     if algorithm in PRUNING:
         kw["density"] = 0.2
+    if algorithm == "dsr":  # a fixed interval (updates at 3 and 6), a threshold that bites
+        kw.update(doublings=0, threshold=0.05)
     return model, optimizer, sp.ALGORITHMS[algorithm](model, optimizer, **kw)
 
 
@@ -88,7 +90,7 @@ def _run(algorithm: str, rank: int, ckpt_dir: str) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model, optimizer, scheduler = build(algorithm, shard=True)
-    counts = helpers.counts(model)
+    counts, initial = helpers.counts(model), helpers.masks(model)
     for step in range(STEPS):
         train(model, optimizer, [step], rank)
         check_ranks_agree_and_invariants(model, optimizer)
@@ -105,6 +107,9 @@ def _run(algorithm: str, rank: int, ckpt_dir: str) -> dict:
             }
             dcp.save(state, checkpoint_id=ckpt_dir)
     result = {"final": full_state(model, optimizer), "updates": len(scheduler.history)}
+    result["moved"] = any(
+        not torch.equal(mask, initial[name]) for name, mask in helpers.masks(model).items()
+    )
 
     model, optimizer, scheduler = build(algorithm, shard=True)
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -235,6 +240,8 @@ def test_fsdp_run_equals_single_process_run(fsdp_run, algorithm):
         model, optimizer, scheduler = build(algorithm, shard=False)
         train(model, optimizer, range(STEPS))
     assert ranks[0][algorithm]["updates"] == len(scheduler.history)
+    if algorithm != "static":  # else the comparison would not test any update
+        assert len(scheduler.history) == 2 and ranks[0][algorithm]["moved"], algorithm
     for layer in sp.sparse_layers(model):
         for rank in ranks:
             final = rank[algorithm]["final"]
