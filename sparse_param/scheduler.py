@@ -38,6 +38,7 @@ OPTIMIZER_STATE_KEY = "sparse_param"  # where the scheduler's state sits in opti
 HISTORY_SIZE = 20  # full update records a checkpoint keeps (so checkpoints stay bounded)
 FEW_UPDATES = 5  # a schedule with fewer topology updates than this gets a warning
 
+
 def _schedule_attribute(name: str, doc: str) -> property:
     """A schedule attribute: reading returns it, assigning validates the whole schedule
     with the new value and re-derives what depends on it (see ``_set_schedule``)."""
@@ -179,13 +180,12 @@ class SparseScheduler:
                     f"{owner}: log_path {str(log_path)!r}: folder {str(log_path.parent)!r} "
                     f"does not exist; create it first"
                 )
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [layer.name for layer in layers if id(layer.weight) not in held]
+        missing = _not_held(optimizer, layers)
         if missing:
             raise ValueError(
                 f"{owner}: the optimizer does not hold the weights of sparse layers "
-                f"{missing[:5]}{' …' if len(missing) > 5 else ''}: build it from "
-                f"model.parameters() (after or before sparsify, both work)"
+                f"{missing}: build it from model.parameters() (after or before sparsify, "
+                f"both work)"
             )
         for what, obj in (("optimizer", optimizer), ("model", model)):
             first = attachment.attached_scheduler(obj)
@@ -349,6 +349,18 @@ class SparseScheduler:
             found += 1
         return found if limit is None else min(found, limit)
 
+    def _check_weights_still_held(self) -> None:
+        # At the first step: a wrapper that replaces the parameters after the scheduler
+        # was created leaves the optimizer stepping the old ones, the model untrained.
+        missing = _not_held(self.optimizer, self.layers)
+        if missing:
+            raise RuntimeError(
+                f"{type(self).__name__}: the optimizer no longer holds the weights of sparse "
+                f"layers {missing}: they were replaced after the optimizer was built (by "
+                f"fully_shard, for one). Build the optimizer and the scheduler after: "
+                f"sparsify(model) → fully_shard(...) → optimizer → scheduler"
+            )
+
     def _warn_if_few_updates(self) -> None:
         # At the first counted step, not at creation: a script may create the scheduler
         # with a placeholder total_steps and set the real one later (timm's train.py).
@@ -398,6 +410,7 @@ class SparseScheduler:
 
     def _on_step(self) -> None:
         if not self._schedule_checked:
+            self._check_weights_still_held()
             self._warn_if_few_updates()
         self.step_count += 1
         self._zero_inactive_weights()
@@ -715,6 +728,14 @@ class SparseScheduler:
         if next(sparse_layers(self.model), None) is None:  # after sp.finalize(model)
             return "finalized"
         return f"density={density(self.model):.4f}, itop_rate={itop_rate(self.model):.4f}"
+
+
+def _not_held(optimizer: torch.optim.Optimizer, layers: Sequence[SparseLayer]) -> str:
+    """The names of the sparse layers whose stored weight the optimizer does not hold
+    (at most five listed); empty if it holds them all."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [layer.name for layer in layers if id(layer.weight) not in held]
+    return f"{missing[:5]}{' …' if len(missing) > 5 else ''}" if missing else ""
 
 
 def redistribute(total: int, weights: Sequence[float], capacity: Sequence[int]) -> list[int]:

@@ -484,6 +484,23 @@ def test_bad_arguments_raise_and_leave_things_untouched(case):
     _assert_untouched(model, optimizer, state, armed=[False] * 4)
 
 
+def test_weights_replaced_after_the_scheduler_are_refused_at_the_first_step():
+    """fully_shard (or any wrapper that swaps in new Parameters) after the optimizer was
+    built leaves it stepping the old tensors: the first step says so instead of training
+    nothing."""
+    model = helpers.build_model()
+    optimizer = sgd(model)
+    scheduler = sp.SET(model, optimizer, total_steps=100)
+    weights = model.fc2.parametrizations.weight
+    weights.original = torch.nn.Parameter(weights.original.detach().clone())
+    optimizer.zero_grad()
+    helpers.loss_of(model, helpers.batch(0)).backward()
+    words = r"no longer holds the weights of sparse layers \['fc2'\].*fully_shard"
+    with pytest.raises(RuntimeError, match=words):
+        optimizer.step()
+    assert scheduler.step_count == 0
+
+
 def test_optimizer_that_does_not_hold_the_weights():
     model = helpers.build_model()
     other = helpers.build_model()
