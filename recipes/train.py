@@ -689,6 +689,7 @@ def setup_sparsity(args, model: nn.Module) -> bool:
     if args.sparse_method == "dense":
         return False
     pruning = args.sparse_method in PRUNING_METHODS
+    structure = sparse_structure(args)
     sparse_param.sparsify(
         model,
         density=1.0 if pruning else args.density,
@@ -697,14 +698,14 @@ def setup_sparsity(args, model: nn.Module) -> bool:
         dense_last=args.dense_last,
         seed=args.sparse_seed,
         sparse_init=args.sparse_init,
-        structure=None if pruning else sparse_structure(args),
+        structure=None if pruning else structure,
     )
     _logger.info(
         f"Sparsified ({args.sparse_method}, {args.distribution}): density "
         f"{sparse_param.density(model):.4f} over "
         f"{sum(1 for _ in sparse_param.sparse_layers(model))} layers"
         + (f", pruning to {args.density}" if pruning else "")
-        + (f", structure {sparse_structure(args)}" if sparse_structure(args) else "")
+        + (f", structure {structure}" if structure else "")
     )
     return True
 

@@ -85,9 +85,17 @@ def check_ranks_agree_and_invariants(model, optimizer) -> None:
         assert bool((state[f"{layer.name}.momentum"][~mask] == 0).all()), layer.name
 
 
+def dcp_state(model, optimizer, scheduler) -> dict:
+    """What a DCP checkpoint holds: model, optimizer and scheduler (README's layout)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state, "sparse": sp.fsdp.SchedulerState(scheduler)}
+
+
 def _run(algorithm: str, rank: int, ckpt_dir: str) -> dict:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     model, optimizer, scheduler = build(algorithm, shard=True)
     counts, initial = helpers.counts(model), helpers.masks(model)
@@ -99,25 +107,14 @@ def _run(algorithm: str, rank: int, ckpt_dir: str) -> dict:
         elif algorithm in ("snfs", "dsr"):  # the total fixed
             assert sum(helpers.counts(model).values()) == sum(counts.values())
         if step + 1 == SAVE_AT:
-            model_state, optim_state = get_state_dict(model, optimizer)
-            state = {
-                "model": model_state,
-                "optim": optim_state,
-                "sparse": sp.fsdp.SchedulerState(scheduler),
-            }
-            dcp.save(state, checkpoint_id=ckpt_dir)
+            dcp.save(dcp_state(model, optimizer, scheduler), checkpoint_id=ckpt_dir)
     result = {"final": full_state(model, optimizer), "updates": len(scheduler.history)}
     result["moved"] = any(
         not torch.equal(mask, initial[name]) for name, mask in helpers.masks(model).items()
     )
 
     model, optimizer, scheduler = build(algorithm, shard=True)
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {
-        "model": model_state,
-        "optim": optim_state,
-        "sparse": sp.fsdp.SchedulerState(scheduler),
-    }
+    state = dcp_state(model, optimizer, scheduler)
     dcp.load(state, checkpoint_id=ckpt_dir)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
