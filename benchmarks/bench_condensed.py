@@ -32,8 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_param import sparsify  # noqa: E402
-from sparse_param.condensed import CondensedLinear  # noqa: E402
-from sparse_param.inference import SparseLinear  # noqa: E402
+from sparse_param.kernels import CondensedLinear, SparseLinear  # noqa: E402
 
 SHAPES = ((3072, 768), (768, 3072))
 TOKENS = (1, 197)

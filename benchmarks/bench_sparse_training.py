@@ -30,7 +30,7 @@ from torch import nn
 
 import sparse_param  # noqa: F401  registers set_mlp_cifar and lenet_300_100 with timm
 from sparse_param import SET, sparsify
-from sparse_param.compute import compute_modes
+from sparse_param.kernels import compute_modes
 
 VARIANTS = ("plain", "dense", "sparse", "auto")
 

@@ -35,7 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_param import finalize, sparsify  # noqa: E402
-from sparse_param.inference import SparseLinear, to_sparse  # noqa: E402
+from sparse_param.kernels import SparseLinear, to_sparse  # noqa: E402
 
 DENSITIES = (0.02, 0.05, 0.1)
 

@@ -1,11 +1,11 @@
 """sparse_param: sparse-from-scratch training for any PyTorch model."""
 
-from . import compute, fsdp, models, plots  # models: registers the papers' architectures with timm
+from . import fsdp, kernels, models, plots  # models: registers the papers' architectures with timm
 from .algorithms import ALGORITHMS, DSR, GMP, SET, SNFS, GraNet, RigL, SRigL, Static
 from .allocation import allocate, apportion
 from .attachment import attached_scheduler
 from .capacity import SameCapacity, capacity, same_capacity_dense
-from .export import (
+from .checkpoint import (
     dense_state_dict,
     finalize,
     is_sparse_state_dict,
@@ -13,7 +13,7 @@ from .export import (
     save_safetensors,
 )
 from .flops import dense_training_flops, training_flops, weight_uses
-from .inference import SparseLinear, to_sparse
+from .kernels import SparseLinear, to_sparse
 from .layers import SparseLayer, sparse_layers
 from .mask import SparseMask
 from .meta import materialize
@@ -50,7 +50,6 @@ __all__ = [
     "apportion",
     "attached_scheduler",
     "capacity",
-    "compute",
     "fsdp",
     "dense_training_flops",
     "dense_state_dict",
@@ -61,6 +60,7 @@ __all__ = [
     "gradient_flow",
     "is_sparse_state_dict",
     "itop_rate",
+    "kernels",
     "layer_table",
     "materialize",
     "models",

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import checkpoint, fsdp
+from . import fsdp
 from .allocation import allocate
-from .compute import check_compute_mode, set_compute, supports_compute_target
+from .checkpoint.checks import install
+from .kernels.csr import check_compute_mode, set_compute, supports_compute_target
 from .layers import DEFAULT_LAYER_TYPES, find_targets, sparse_layers
 from .mask import SparseMask, zero_inactive_after_load, zero_inactive_before_save
 from .meta import MaskPlan
@@ -61,7 +62,7 @@ def sparsify(
             0.02 the unscaled init leaves small CNNs stuck at chance. ``False`` keeps the
             active weights exactly as the model initialized them.
         compute: how the sparse Linear layers compute (see
-            :func:`sparse_param.compute.set_compute`): ``"dense"`` (masked dense kernels),
+            :func:`sparse_param.kernels.set_compute`): ``"dense"`` (masked dense kernels),
             ``"sparse"`` (CSR kernels over the active weights only) or ``"auto"``
             (sparse where the calibration says it is faster). Convolutions compute
             dense in every mode.
@@ -74,7 +75,7 @@ def sparsify(
             kept by the schedulers and checked when a checkpoint is loaded.
 
     Loading a state dict into ``model`` (or any copy of it) is then checked before
-    anything is copied: see :mod:`sparse_param.checkpoint`.
+    anything is copied: see :mod:`sparse_param.checkpoint.checks`.
 
     Returns:
         ``model``, with the density of the weights its layers compute with equal to the
@@ -116,7 +117,7 @@ def sparsify(
         raise ValueError(
             f"sparsify: compute={compute!r} needs the masks, and a meta-device model gets "
             f"them at sp.materialize(model): sparsify with compute='dense', then call "
-            f"sparse_param.compute.set_compute(model, {compute!r}) after materialize"
+            f"sparse_param.kernels.set_compute(model, {compute!r}) after materialize"
         )
     if plan is None:
         masks = {name: draw_mask(shapes[name], counts[name], parsed, generator) for name in targets}
@@ -151,7 +152,7 @@ def sparsify(
             with torch.no_grad():
                 module.weight.set_(dense)
         raise
-    checkpoint.install(model)
+    install(model)
     if sparse_init and plan is None:
         rescale_to_active_fan_in(model)
     set_compute(model, compute)

@@ -100,23 +100,38 @@ def group_counts(mask: Tensor, structure: Structure) -> Tensor:
     return groups(mask, structure).sum(1)
 
 
-def violation(mask: Tensor, structure: Structure) -> str | None:
-    """Why ``mask`` does not satisfy ``structure``, or None when it does."""
-    if mask.dim() < 2 or (structure.kind == "n:m" and mask[0].numel() % structure.m):
-        return f"shape {tuple(mask.shape)} cannot hold structure {structure}"
+def violation(mask: Tensor, structure: Structure, *, at_most: bool = False) -> str | None:
+    """Why ``mask`` does not satisfy ``structure``, or None when it does.
+
+    ``at_most``: an N:M group may hold fewer than ``N`` active (the layout 2:4 sparse
+    kernels take, which a weight with extra zeros still fits); no effect on fan-in.
+    """
+    if mask.dim() < 2:
+        return f"shape {tuple(mask.shape)} cannot hold structure {structure}: it needs 2+ dims"
+    if structure.kind == "n:m" and mask[0].numel() % structure.m:
+        return (
+            f"shape {tuple(mask.shape)} cannot hold structure {structure}: fan-in "
+            f"{mask[0].numel()} is not a multiple of {structure.m}"
+        )
     counts = group_counts(mask, structure)
     if structure.kind == "fan_in":
         fan_ins = counts[counts > 0].unique()
         if fan_ins.numel() > 1:
             return f"units have different fan-ins {fan_ins.tolist()[:8]}"
         return None
-    wrong = (counts != structure.n).nonzero().flatten()
-    if wrong.numel():
+    wrong = ((counts > structure.n) if at_most else (counts != structure.n)).nonzero().flatten()
+    if not wrong.numel():
+        return None
+    first = f"group {int(wrong[0])} has {int(counts[wrong[0]])}"
+    if at_most:
         return (
-            f"{wrong.numel()} of {counts.numel()} groups of {structure.m} do not have "
-            f"{structure.n} active (group {int(wrong[0])} has {int(counts[wrong[0]])})"
+            f"{wrong.numel()} of {counts.numel()} groups of {structure.m} inputs have more "
+            f"than {structure.n} active ({first})"
         )
-    return None
+    return (
+        f"{wrong.numel()} of {counts.numel()} groups of {structure.m} do not have "
+        f"{structure.n} active ({first})"
+    )
 
 
 def fan_in_of(shape: Sequence[int]) -> int:

@@ -266,6 +266,32 @@ def test_valid_non_strict_and_legacy_loads_still_work(check_invariants):
         assert torch.equal(a, b)
 
 
+def test_strict_reaches_the_check_without_reading_the_stack(snapshot, assert_untouched):
+    """torch hands load pre-hooks strict=True whatever the caller asked: the sparsified
+    module's own load_state_dict (an EMA copy's too) and sp.load_state_dict pass the
+    caller's on; a load that starts on a wrapper is checked as strict and names the fix."""
+    source = sparse_net(0)
+    part = {k: v for k, v in source.state_dict().items() if k.startswith(("1.", "5."))}
+    model = sparse_net(1)
+    mask = model[5].parametrizations.weight[0].mask.clone()
+    ema = copy.deepcopy(model)
+    ema.load_state_dict(part, strict=False)  # the copy's method loads the copy
+    wanted = source[5].parametrizations.weight[0].mask
+    assert torch.equal(ema[5].parametrizations.weight[0].mask, wanted)
+    assert torch.equal(model[5].parametrizations.weight[0].mask, mask)
+    assert not torch.equal(mask, wanted)
+
+    compiled = torch.compile(model)  # a wrapper; nothing is compiled before a forward
+    wrapped = {"_orig_mod." + k: v for k, v in part.items()}
+    snap = snapshot(model)
+    fix = r"sparse_param\.load_state_dict\(wrapper, state_dict, strict=False\)"
+    with pytest.raises(RuntimeError, match=rf"(?s)missing keys: .*{fix}"):
+        compiled.load_state_dict(wrapped, strict=False)
+    assert_untouched(model, snap)
+    sp.load_state_dict(compiled, wrapped, strict=False)
+    assert torch.equal(model[5].parametrizations.weight[0].mask, wanted)
+
+
 def test_a_module_with_its_own_loading_still_loads_its_old_keys():
     def rename(state_dict, prefix, *args):  # a user's pre-hook for an old key name
         if prefix + "scale_old" in state_dict:
@@ -398,7 +424,7 @@ def test_a_load_checks_each_layer_once_and_a_layer_alone_still_checks(monkeypatc
     """The root's hook checks the whole subtree; each sparse layer's own hook, which
     torch runs next on the same tensors, does not check them again. Loading a layer on
     its own, after that, is checked in full."""
-    from sparse_param import checkpoint as ckpt
+    from sparse_param.checkpoint import checks as ckpt
 
     calls = []
     check = ckpt._check

@@ -3,7 +3,7 @@
 Properties over random shapes, densities, batches and dtypes: the output, the input
 gradient and the weight and bias gradients match a dense-mode twin within float
 tolerance, and the weight gradient is exactly zero at inactive positions. The CSR
-structures follow the mask through topology updates and ``load_state_dict`` (rebuilt
+indices follow the mask through topology updates and ``load_state_dict`` (rebuilt
 once per mask change, never per step); gradient captures for RigL are exact; training,
 resume, finalize, to_sparse, deep copies and DDP keep working.
 """
@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparse_param as sp
-from sparse_param.compute import (
+from sparse_param.kernels import (
     AUTO_RULES,
     auto_picks_sparse,
     compute_modes,
@@ -43,12 +43,12 @@ def twins(model: nn.Module, density: float, seed: int = 0):
     return dense, sparse
 
 
-def assert_structures_match_mask(model: nn.Module) -> None:
+def assert_indices_match_mask(model: nn.Module) -> None:
     for layer in sp.sparse_layers(model):
         compute = layer.module.__dict__.get("sparse_compute")
         if compute is None:
             continue
-        s = compute.structure(layer.mask)
+        s = compute.indices_for(layer.mask)
         reference = layer.mask.float().to_sparse_csr()
         assert torch.equal(s.crow, reference.crow_indices()), layer.name
         assert torch.equal(s.col, reference.col_indices()), layer.name
@@ -133,7 +133,7 @@ def test_inference_and_bf16_weights_fall_back_exactly():
 
 
 @pytest.mark.parametrize("algorithm", ["set", "rigl"])
-def test_structures_follow_topology_updates(algorithm):
+def test_indices_follow_topology_updates(algorithm):
     model = helpers.build_model(density=0.3, compute="sparse")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scheduler = sp.ALGORITHMS[algorithm](model, optimizer, total_steps=40, update_interval=4)
@@ -150,7 +150,7 @@ def test_structures_follow_topology_updates(algorithm):
         optimizer.step()
         helpers.check_invariants(model, optimizer)
     assert len(scheduler.history) == 5  # at steps 4, 8, …, 20
-    assert_structures_match_mask(model)  # builds for the mask of the update at step 20
+    assert_indices_match_mask(model)  # builds for the mask of the update at step 20
     for layer in linear:
         # One build at the first forward and one after each update (each writes the
         # mask), none on the other steps; RigL's armed steps run dense, building nothing.
@@ -185,9 +185,9 @@ def test_load_state_dict_of_other_masks_rebuilds():
     other = helpers.build_model(init_seed=1, density=0.3, mask_seed=7)
     model = helpers.build_model(init_seed=0, density=0.3, mask_seed=0, compute="sparse")
     data = helpers.batch(0)
-    helpers.loss_of(model, data).backward()  # builds the structures of the first masks
+    helpers.loss_of(model, data).backward()  # builds the indices of the first masks
     model.load_state_dict(other.state_dict())
-    assert_structures_match_mask(model)
+    assert_indices_match_mask(model)
     with torch.no_grad():
         torch.testing.assert_close(model(data[0]), other(data[0]))
     assert model.fc1.sparse_compute.builds == 2

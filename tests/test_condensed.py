@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparse_param as sp
-from sparse_param import condensed
-from sparse_param.condensed import CondensedLinear, condense, condensed_linear
+from sparse_param.kernels import condensed
+from sparse_param.kernels.condensed import CondensedLinear, condense, condensed_linear
 
 
 @pytest.fixture(autouse=True, scope="module")

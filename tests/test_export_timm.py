@@ -20,7 +20,7 @@ from timm import utils
 from torch import nn
 
 import sparse_param as sp
-from sparse_param.export.__main__ import main
+from sparse_param.export import main
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 task_api = pytest.importorskip("timm.task", reason="timm < 1.0.28 has no Task API")

@@ -90,7 +90,11 @@ def dcp_state(model, optimizer, scheduler) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    return {"model": model_state, "optim": optim_state, "sparse": sp.fsdp.SchedulerState(scheduler)}
+    return {
+        "model": model_state,
+        "optim": optim_state,
+        "sparse": sp.checkpoint.SchedulerState(scheduler),
+    }
 
 
 def _run(algorithm: str, rank: int, ckpt_dir: str) -> dict:
@@ -314,7 +318,7 @@ def test_sharded_checkpoint_converts_to_a_plain_one(fsdp_run, tmp_path):
     sp.load_state_dict(model, state["model"])  # the checked, all-or-nothing loader
     for key, value in model.state_dict().items():
         torch.testing.assert_close(state["model"][key], value, rtol=1e-5, atol=1e-6)
-    scheduler.load_state_dict(sp.fsdp.load_scheduler_state(state["sparse"]))
+    scheduler.load_state_dict(sp.checkpoint.load_scheduler_state(state["sparse"]))
     assert scheduler.step_count == SAVE_AT
 
 

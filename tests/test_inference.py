@@ -11,8 +11,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparse_param import dense_state_dict, finalize, sparse_layers, sparsify
-from sparse_param.export import save_safetensors
-from sparse_param.inference import SparseLinear, to_sparse
+from sparse_param.checkpoint import save_safetensors
+from sparse_param.kernels import SparseLinear, to_sparse
 
 timm = pytest.importorskip("timm")
 

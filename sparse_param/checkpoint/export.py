@@ -1,8 +1,8 @@
-"""Leaving the sparse training state: plain dense checkpoints and loading helpers."""
+"""Leaving the sparse training state: plain dense weights, in a model, a state dict or
+a file (safetensors or ``torch.save``)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,25 +13,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..attachment import attached_scheduler
-from ..checkpoint import check_state_dict
-from ..compute import remove_sparse_compute
-from ..layers import sparse_layers
+from ..kernels import remove_sparse_compute
+from ..layers import sparse_layers, unwrap
 from ..standardized import is_standardized
+from .keys import EVER, MASK, ORIGINAL, STRUCTURE, layer_prefix
 
-_ORIGINAL = "parametrizations.weight.original"
-_MASK = "parametrizations.weight.0.mask"
-_EVER = "parametrizations.weight.0.ever_active"
-_STRUCTURE = "parametrizations.weight.0.structure"  # only on structured masks
-
-
-def _prefix(key: str, suffix: str) -> str | None:
-    """``key`` without ``suffix`` (``"layer."``, or ``""`` for a sparsified root module),
-    or None when ``key`` is not a ``suffix`` entry."""
-    if key == suffix:
-        return ""
-    if key.endswith("." + suffix):
-        return key[: -len(suffix)]
-    return None
+SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # files save_plain writes
 
 
 def finalize(model: nn.Module) -> nn.Module:
@@ -80,7 +67,7 @@ def finalize(model: nn.Module) -> nn.Module:
 
 def is_sparse_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
     """Whether ``state_dict`` was saved from a sparsified model."""
-    return any(_prefix(key, _MASK) is not None for key in state_dict)
+    return any(layer_prefix(key, MASK) is not None for key in state_dict)
 
 
 def dense_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -91,41 +78,14 @@ def dense_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        if any(_prefix(key, suffix) is not None for suffix in (_MASK, _EVER, _STRUCTURE)):
+        if any(layer_prefix(key, suffix) is not None for suffix in (MASK, EVER, STRUCTURE)):
             continue
-        prefix = _prefix(key, _ORIGINAL)
+        prefix = layer_prefix(key, ORIGINAL)
         if prefix is not None:
-            out[prefix + "weight"] = value * state_dict[prefix + _MASK]
+            out[prefix + "weight"] = value * state_dict[prefix + MASK]
         else:
             out[key] = value
     return out
-
-
-def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True):
-    """``model.load_state_dict`` that explains how to load a sparse checkpoint, and
-    loads all of it or nothing.
-
-    A sparsified model loads a sparsified checkpoint as usual (masks and ever-active
-    restored exactly). A plain model given a sparse checkpoint raises a ``ValueError``
-    naming the two fixes instead of torch's list of unexpected keys. The whole state
-    dict is checked (:func:`sparse_param.checkpoint.check_state_dict`) before any tensor
-    is copied, also when only a submodule of ``model`` was sparsified.
-
-    Raises:
-        ValueError: a sparse checkpoint for a dense model.
-        RuntimeError: the checkpoint does not fit the model (keys, shapes, dtypes, or a
-            sparse layer's mask / ever_active); ``model`` is left as it was.
-    """
-    if is_sparse_state_dict(state_dict) and next(sparse_layers(model), None) is None:
-        raise ValueError(
-            "this checkpoint holds a sparse model (keys '*.parametrizations.weight.0.mask'), "
-            "but the model is dense. Either call sparse_param.sparsify(model, ...) with the "
-            "arguments used in training before loading, or load "
-            "sparse_param.dense_state_dict(checkpoint) to get the plain weights"
-        )
-    if next(sparse_layers(model), None) is not None:
-        check_state_dict(model, state_dict, strict)
-    return model.load_state_dict(state_dict, strict=strict)
 
 
 def save_safetensors(model: nn.Module, path, metadata: Mapping[str, str] | None = None) -> None:
@@ -156,8 +116,6 @@ def save_safetensors(model: nn.Module, path, metadata: Mapping[str, str] | None 
             weight (see :func:`finalize`); or its state dict holds non-tensor entries.
     """
     from safetensors.torch import save_file  # optional dependency: sparse_param[export]
-
-    from ..layers import unwrap
 
     model = unwrap(model)
     standardized = [layer.name for layer in sparse_layers(model) if is_standardized(layer.module)]
@@ -191,11 +149,6 @@ def _unshared(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
             seen.add(storage)
         tensors[key] = value.contiguous()
     return tensors
-
-
-# ------------------------------------------------------------- python -m sparse_param.export
-
-_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 def plain_state_dict(checkpoint: Mapping[str, Any], ema: bool = False) -> dict[str, Tensor]:
@@ -248,8 +201,8 @@ def save_plain(state_dict: Mapping[str, Tensor], path: str | os.PathLike) -> Non
     """Write a plain state dict to ``path``: safetensors for ``.safetensors``, else
     ``torch.save`` (``.pth``, ``.pt``, ``.bin``)."""
     path = Path(path)
-    if path.suffix not in _SUFFIXES:
-        raise ValueError(f"{path}: unknown format; name the file {' or '.join(_SUFFIXES)}")
+    if path.suffix not in SUFFIXES:
+        raise ValueError(f"{path}: unknown format; name the file {' or '.join(SUFFIXES)}")
     tensors = _unshared(state_dict)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file  # optional dependency: sparse_param[export]
@@ -257,10 +210,3 @@ def save_plain(state_dict: Mapping[str, Tensor], path: str | os.PathLike) -> Non
         save_file(tensors, str(path), metadata={"format": "pt"})
     else:
         torch.save(tensors, path)
-
-
-def load_checkpoint_file(path: str | os.PathLike) -> Any:
-    """``torch.load`` on CPU with ``weights_only=True``; timm's training checkpoints hold
-    the run's ``argparse.Namespace``, which is allowed explicitly."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .layers import is_sparse
+from ..structure import Structure, violation
+from .linear import computed_pattern, computed_weight
 
 CHUNK_ELEMENTS = 1 << 20  # gathered elements per chunk (4 MiB of float32)
 SMALL_BATCH = 4  # up to this many rows of x, one gather over all units (no transpose)
@@ -28,22 +29,22 @@ def condense(weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ``values`` ``(u, k)`` holds ``weight`` at the ``k`` active inputs of each of the
     ``u`` units that have any (``units``, int64 ``(u,)``, ascending), ``indices``
     ``(u, k)`` int64 their input columns, ascending within a row. Raises ``ValueError``
-    when the active units do not all have the same fan-in.
+    when the active units do not all have the same fan-in, or there is none.
     """
     if weight.dim() != 2 or mask.shape != weight.shape:
         raise ValueError(
             f"condense: need a 2-D weight and a mask of its shape, got {tuple(weight.shape)} "
             f"and {tuple(mask.shape)}"
         )
+    why = violation(mask, Structure("fan_in"))
     counts = mask.sum(1)
     units = counts.nonzero().flatten()
-    fan_ins = counts[units].unique()
-    if fan_ins.numel() != 1:
+    if why is not None or not units.numel():
         raise ValueError(
-            f"condense: the mask is not constant fan-in (active units have fan-ins "
-            f"{fan_ins.tolist()[:8]}); sparsify with structure='fan_in'"
+            f"condense: the mask is not constant fan-in ({why or 'no unit is active'}); "
+            f"sparsify with structure='fan_in'"
         )
-    k = int(fan_ins)
+    k = int(counts[units[0]])
     # Active columns first, in ascending order: a stable sort of the inverted mask.
     indices = (~mask[units]).to(torch.uint8).argsort(dim=1, stable=True)[:, :k]
     return weight[units].gather(1, indices), indices, units
@@ -163,10 +164,7 @@ class CondensedLinear(nn.Module):
     def from_linear(cls, module: nn.Module) -> CondensedLinear:
         """From an ``nn.Linear`` sparsified with ``structure="fan_in"`` (or any Linear
         whose non-zero pattern is constant fan-in); the module is unchanged."""
-        with torch.no_grad():
-            weight = module.weight.detach()
-            mask = module.parametrizations.weight[0].mask if is_sparse(module) else weight != 0
-            return cls(weight * mask, mask, module.bias)
+        return cls(computed_weight(module), computed_pattern(module), module.bias)
 
     @property
     def fan_in(self) -> int:

@@ -1,4 +1,6 @@
-"""``python -m sparse_param.export CKPT OUT [--ema]``: the plain weights of a sparse checkpoint."""
+"""``python -m sparse_param.export CKPT OUT [--ema]``: the plain weights of a sparse checkpoint.
+
+The command line of :mod:`sparse_param.checkpoint.export`, which does the work."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import _SUFFIXES, load_checkpoint_file, plain_state_dict, save_plain
+from .checkpoint import SUFFIXES, load_checkpoint_file, plain_state_dict, save_plain
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -19,13 +21,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "plain state dict timm's validate.py and create_model load unmodified.",
     )
     parser.add_argument("checkpoint", help="sparse checkpoint: timm .pth.tar or a state dict")
-    parser.add_argument("out", help=f"plain state dict to write ({', '.join(_SUFFIXES)})")
+    parser.add_argument("out", help=f"plain state dict to write ({', '.join(SUFFIXES)})")
     parser.add_argument(
         "--ema", action="store_true", help="convert the EMA weights ('state_dict_ema')"
     )
     args = parser.parse_args(argv)
-    if Path(args.out).suffix not in _SUFFIXES:
-        parser.error(f"OUT {args.out}: name the file {' or '.join(_SUFFIXES)}")
+    if Path(args.out).suffix not in SUFFIXES:
+        parser.error(f"OUT {args.out}: name the file {' or '.join(SUFFIXES)}")
     try:
         checkpoint = load_checkpoint_file(args.checkpoint)
         if not isinstance(checkpoint, Mapping):

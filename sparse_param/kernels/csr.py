@@ -12,8 +12,8 @@ and writes ``dW`` into a dense ``.grad`` that is exactly zero at inactive positi
 optimizers, DDP and the scheduler see what they see in dense mode. ``"auto"`` picks
 sparse per layer where the calibration below says it is faster than dense.
 
-The masking parametrization stays the single source of truth: the CSR index
-structures are derived from ``mask`` and rebuilt only when it changes (a topology
+The masking parametrization stays the single source of truth: the CSR indices
+(:class:`CsrIndex`) are derived from ``mask`` and rebuilt only when it changes (a topology
 update or ``load_state_dict`` writes it in place, which bumps its version counter);
 the values are gathered from the stored weight on every forward. Checkpoints hold
 nothing new. Writes to ``mask.data`` bypass the version counter and are not seen.
@@ -33,15 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import is_sparse, sparse_layers
-from .mask import SparseMask, accumulates
-
-try:  # timm's Linear only adds a torchscript cast to nn.Linear's forward
-    from timm.layers import Linear as _TimmLinear
-
-    _LINEAR_FORWARDS = (nn.Linear.forward, _TimmLinear.forward)
-except ImportError:  # timm is optional for the core
-    _LINEAR_FORWARDS = (nn.Linear.forward,)
+from ..layers import is_sparse, sparse_layers
+from ..mask import SparseMask, accumulates
+from .linear import linear_classes
 
 COMPUTE_MODES = ("dense", "sparse", "auto")
 _KERNEL_DTYPES = (torch.float32, torch.float64)  # dtypes of the CPU sparse kernels (MKL)
@@ -69,8 +63,8 @@ def auto_picks_sparse(shape: tuple[int, int], active: int, threads: int, device:
 
 
 @dataclass(frozen=True)
-class _Structure:
-    """CSR index structures of one mask of shape (out, in), with ``nnz`` active weights.
+class CsrIndex:
+    """CSR indices of one mask of shape (out, in), with ``nnz`` active weights.
 
     ``index`` (nnz,) are the active positions of the flattened weight in row-major
     order, which is the order of W's CSR values; ``crow`` (out+1,) and ``col`` (nnz,)
@@ -89,7 +83,7 @@ class _Structure:
     pattern: Tensor  # W's CSR pattern with float32 zeros, for sampled_addmm
 
 
-def _build(mask: Tensor, key: tuple[int, int, str, int], sparse: bool) -> _Structure:
+def _index_of(mask: Tensor, key: tuple[int, int, str, int], sparse: bool) -> CsrIndex:
     rows, cols = mask.shape
     index = mask.reshape(-1).nonzero().squeeze(1)
     row, col = index // cols, index % cols
@@ -101,7 +95,7 @@ def _build(mask: Tensor, key: tuple[int, int, str, int], sparse: bool) -> _Struc
     with warnings.catch_warnings():  # torch warns once per process that CSR is "beta"
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         pattern = _csr(crow, col, torch.zeros(index.numel(), device=mask.device), (rows, cols))
-    return _Structure(key, sparse, index, crow, col, crow_t, row[perm], perm, pattern)
+    return CsrIndex(key, sparse, index, crow, col, crow_t, row[perm], perm, pattern)
 
 
 class SparseCompute:
@@ -113,23 +107,23 @@ class SparseCompute:
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
-        self.builds = 0  # how many times the structures were built (tests read it)
-        self._structure: _Structure | None = None
+        self.builds = 0  # how many times the indices were built (tests read it)
+        self._index: CsrIndex | None = None
 
-    def structure(self, mask: Tensor) -> _Structure:
-        """The structures of ``mask``, rebuilt only if it changed since the last call."""
+    def indices_for(self, mask: Tensor) -> CsrIndex:
+        """The CSR indices of ``mask``, rebuilt only if it changed since the last call."""
         key = (mask._version, mask.data_ptr(), str(mask.device), torch.get_num_threads())
-        if self._structure is None or self._structure.key != key:
+        if self._index is None or self._index.key != key:
             active = int(mask.count_nonzero())
             sparse = self.mode == "sparse" or auto_picks_sparse(
                 tuple(mask.shape), active, key[3], mask.device.type
             )
-            self._structure = _build(mask, key, sparse)
+            self._index = _index_of(mask, key, sparse)
             self.builds += 1
-        return self._structure
+        return self._index
 
     def __deepcopy__(self, memo: dict) -> SparseCompute:
-        # A copy (an EMA model) has its own mask: it builds its own structures.
+        # A copy (an EMA model) has its own mask: it builds its own indices.
         return SparseCompute(self.mode)
 
     def __repr__(self) -> str:
@@ -140,7 +134,7 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Te
     return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
-class _SparseLinear(torch.autograd.Function):
+class _CsrLinear(torch.autograd.Function):
     """``y = x W^T + b`` from W's active weights only; gradients likewise.
 
     Shapes: ``x`` (N, in) in the compute dtype; ``weight`` the stored weight (out, in);
@@ -150,7 +144,7 @@ class _SparseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(  # noqa: D102
-        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, s: _Structure, owner: SparseMask
+        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, s: CsrIndex, owner: SparseMask
     ) -> Tensor:
         out_features, in_features = weight.shape
         # index_select, not [index]: measured 3x faster for this gather on CPU.
@@ -160,7 +154,7 @@ class _SparseLinear(torch.autograd.Function):
         if bias is not None:
             out += bias.to(x.dtype)
         ctx.save_for_backward(x, values)
-        ctx.structure, ctx.owner, ctx.weight = s, owner, weight
+        ctx.csr_index, ctx.owner, ctx.weight = s, owner, weight
         ctx.shape = (out_features, in_features)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return out
@@ -170,7 +164,7 @@ class _SparseLinear(torch.autograd.Function):
         ctx, grad: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:  # noqa: D102
         x, values = ctx.saved_tensors
-        s: _Structure = ctx.structure
+        s: CsrIndex = ctx.csr_index
         out_features, in_features = ctx.shape
         grad = grad.to(x.dtype)
         grad_x = grad_w = grad_b = None
@@ -206,7 +200,7 @@ def _sparse_linear_forward(self: nn.Module, x: Tensor) -> Tensor:
     dtype = _compute_dtype(x, parametrizations.original)
     if mask_param.capture_dense_grad or torch.compiler.is_compiling() or dtype is None:
         return F.linear(x, self.weight, self.bias)
-    s = self.sparse_compute.structure(mask_param.mask)
+    s = self.sparse_compute.indices_for(mask_param.mask)
     if not s.sparse:
         return F.linear(x, self.weight, self.bias)
     with torch.no_grad():
@@ -215,7 +209,7 @@ def _sparse_linear_forward(self: nn.Module, x: Tensor) -> Tensor:
     out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype  # as F.linear
     with torch.autocast(x.device.type, enabled=False):
         x2 = x.reshape(-1, self.in_features).to(dtype)
-        out = _SparseLinear.apply(x2, parametrizations.original, self.bias, s, mask_param)
+        out = _CsrLinear.apply(x2, parametrizations.original, self.bias, s, mask_param)
     return out.to(out_dtype).reshape(*x.shape[:-1], self.out_features)
 
 
@@ -223,7 +217,7 @@ def supports_compute_target(module: nn.Module) -> bool:
     """Whether ``module``'s forward is ``nn.Linear``'s (or timm's ``Linear``'s), which the
     sparse path replaces exactly once the module is sparse (subclasses with a forward
     of their own are left alone)."""
-    return type(module).forward in _LINEAR_FORWARDS
+    return type(module).forward in {cls.forward for cls in linear_classes()}
 
 
 def supports_sparse_compute(module: nn.Module) -> bool:
@@ -282,7 +276,7 @@ def compute_modes(model: nn.Module) -> dict[str, str]:
     modes = {}
     for layer in sparse_layers(model):
         compute = layer.module.__dict__.get("sparse_compute")
-        sparse = compute is not None and compute.structure(layer.mask).sparse
+        sparse = compute is not None and compute.indices_for(layer.mask).sparse
         modes[layer.name] = "sparse" if sparse else "dense"
     return modes
 

@@ -9,27 +9,43 @@ sparse layer: the root's hook runs before any tensor of its subtree is copied an
 the whole of it, so a load is all-or-nothing whichever call made it
 (``model.load_state_dict``, :func:`sparse_param.load_state_dict`, a DDP or
 ``torch.compile`` wrapper, a deep copy such as an EMA model).
+
+Which ``strict`` the hook checks with: torch hands every load pre-hook ``strict=True``
+whatever the caller asked for (and compares the key sets only after copying), so the
+caller's flag is asked for explicitly. ``sparsify`` gives the module it sparsified and
+each sparse layer a ``load_state_dict`` that records its ``strict`` for the hooks
+(:func:`asking_strict`), and :func:`sparse_param.load_state_dict` records its own; a
+deep copy (an EMA model) keeps them. A load that starts elsewhere (on a DDP or
+``torch.compile`` wrapper, an EMA wrapper, a bigger model holding the sparse one) is
+checked as ``strict=True``, torch's default: its missing or unexpected keys are refused
+before anything is copied, and the error names the way to a non-strict load through a
+wrapper, ``sparse_param.load_state_dict(wrapper, state_dict, strict=False)``. Every other
+check runs whatever ``strict`` is.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .mask import SparseMask
-from .structure import checkpoint_problems
+from ..mask import SparseMask
+from ..structure import checkpoint_problems
+from .keys import EVER, MASK, SPARSE_ENTRIES, STRUCTURE
 
-_ORIGINAL = "parametrizations.weight.original"
-_MASK = "parametrizations.weight.0.mask"
-_EVER = "parametrizations.weight.0.ever_active"
-_STRUCTURE = "parametrizations.weight.0.structure"  # structured masks only
-_LOAD_STATE_DICT = nn.Module.load_state_dict.__code__
 _MAX_LISTED = 20  # problems listed in one error message
+# The strict of the load running now, where its caller recorded it (None: not recorded).
+_STRICT: ContextVar[bool | None] = ContextVar("sparse_param_load_strict", default=None)
+_WRAPPER_HINT = (
+    "a load that does not start on the sparsified module is checked as strict=True: for a "
+    "non-strict load through a wrapper, call "
+    "sparse_param.load_state_dict(wrapper, state_dict, strict=False)"
+)
 
 
 class _Expected:
@@ -129,7 +145,7 @@ def _check_tensor(key: str, value: Any, target: Tensor) -> str | None:
 def _check_sparse_layer(at: str, state_dict: Mapping[str, Any], shape: torch.Size) -> list[str]:
     """What is wrong with one sparse layer's entries (all of which are present)."""
     name = at[:-1] or "(the module loading)"
-    mask, ever = state_dict[at + _MASK], state_dict[at + _EVER]
+    mask, ever = state_dict[at + MASK], state_dict[at + EVER]
     problems = []
     for what, value in (("mask", mask), ("ever_active", ever)):
         if not isinstance(value, Tensor) or value.dtype != torch.bool:
@@ -186,8 +202,14 @@ def check_state_dict(
 
 
 def _check(
-    model: nn.Module, state_dict: Mapping[str, Any], strict: bool | None, prefix: str
+    model: nn.Module,
+    state_dict: Mapping[str, Any],
+    strict: bool | None,
+    prefix: str,
+    key_hint: str | None = None,
 ) -> tuple[dict[SparseMask, int], _Expected]:
+    """:func:`check_state_dict`, also returning what it expected; ``key_hint`` is added
+    to the problems when the key sets differ."""
     expected = _Expected(model, prefix)
     given = [key for key in state_dict if key.startswith(prefix)]
     problems: list[str] = []
@@ -206,8 +228,10 @@ def _check(
             problems.append(f"missing keys: {_listed(missing)}")
         if unexpected:
             problems.append(f"unexpected keys: {_listed(unexpected)}")
+        if key_hint and (missing or unexpected):
+            problems.append(key_hint)
         problems += _dense_checkpoint_hint(expected, unexpected)
-    sparse_keys = {at + end for at in expected.sparse for end in (_MASK, _EVER)}
+    sparse_keys = {at + end for at in expected.sparse for end in (MASK, EVER)}
     for key, target in expected.tensors.items():
         if key in state_dict and target is not None and key not in sparse_keys:
             problem = _check_tensor(key, state_dict[key], target)
@@ -215,7 +239,7 @@ def _check(
                 problems.append(problem)
     loaded: dict[SparseMask, int] = {}
     for at, parametrization in expected.sparse.items():
-        keys = [at + end for end in (_ORIGINAL, _MASK, _EVER)]
+        keys = [at + end for end in SPARSE_ENTRIES]
         present = [key in state_dict for key in keys]
         if not any(present):
             continue  # a missing layer: reported above when strict
@@ -229,12 +253,12 @@ def _check(
             continue
         layer_problems = _check_sparse_layer(at, state_dict, parametrization.mask.shape)
         if not layer_problems:  # a structured layer's mask must keep its structure
-            name, mask = at[:-1] or "(the module loading)", state_dict[at + _MASK]
-            code = state_dict.get(at + _STRUCTURE)
+            name, mask = at[:-1] or "(the module loading)", state_dict[at + MASK]
+            code = state_dict.get(at + STRUCTURE)
             layer_problems = checkpoint_problems(name, parametrization, mask, code)
         problems += layer_problems
         if not layer_problems:
-            loaded[parametrization] = int(state_dict[at + _MASK].count_nonzero())
+            loaded[parametrization] = int(state_dict[at + MASK].count_nonzero())
     if problems:
         shown = problems[:_MAX_LISTED]
         if len(problems) > _MAX_LISTED:
@@ -263,21 +287,6 @@ def _dense_checkpoint_hint(expected: _Expected, unexpected: list[str]) -> list[s
     ]
 
 
-def _caller_strict() -> bool | None:
-    """The ``strict`` argument of the ``nn.Module.load_state_dict`` call running now.
-
-    torch hands every module's load pre-hook ``strict=True`` whatever the caller asked
-    for and compares the key sets only after copying; the caller's flag is only in that
-    call's frame. None when the load did not come through ``load_state_dict``.
-    """
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _LOAD_STATE_DICT:
-            return bool(frame.f_locals["strict"])
-        frame = frame.f_back
-    return None
-
-
 def check_before_load(
     module: nn.Module,
     state_dict: dict[str, Any],
@@ -294,13 +303,16 @@ def check_before_load(
 
     A sparse layer whose entries an enclosing module's hook has just checked (torch runs
     the root's hook first, then each child's, on the same tensors) is not checked again.
+    ``strict`` is torch's constant True: the caller's is read as the module docstring says.
     """
     if not any(isinstance(m, SparseMask) for m in module.modules()):
         return  # finalized: a plain model loads as torch loads it
     mine = _layer_entries(state_dict, prefix) if _has_sparse_weight(module) else None
     if mine is not None and module.parametrizations.weight[0].consume_checked(mine):
         return
-    loaded, expected = _check(module, state_dict, _caller_strict(), prefix)
+    asked = _STRICT.get()
+    hint = _WRAPPER_HINT if asked is None else None
+    loaded, expected = _check(module, state_dict, asked is not False, prefix, hint)
     for at, parametrization in expected.sparse.items():
         if parametrization in loaded:
             parametrization.allocated = loaded[parametrization]
@@ -310,18 +322,44 @@ def check_before_load(
 
 def _layer_entries(state_dict: Mapping[str, Any], at: str) -> tuple[Any, ...] | None:
     """A sparse layer's stored weight, mask and ever_active in ``state_dict``."""
-    entries = tuple(state_dict.get(at + end) for end in (_ORIGINAL, _MASK, _EVER))
+    entries = tuple(state_dict.get(at + end) for end in SPARSE_ENTRIES)
     return entries if all(isinstance(e, Tensor) for e in entries) else None
+
+
+@contextlib.contextmanager
+def asking_strict(strict: bool) -> Iterator[None]:
+    """Within it, :func:`check_before_load` checks the loads it sees with ``strict``."""
+    token = _STRICT.set(bool(strict))
+    try:
+        yield
+    finally:
+        _STRICT.reset(token)
+
+
+class _StrictRecorded:
+    """A sparsified module's ``load_state_dict``: its class's, with ``strict`` recorded
+    for the hooks. An attribute of the module, which a deep copy (an EMA model) or a
+    pickle round trip points at the copy."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, state_dict: Mapping[str, Any], strict: bool = True, *args, **kwargs):
+        with asking_strict(strict):
+            return type(self.module).load_state_dict(
+                self.module, state_dict, strict, *args, **kwargs
+            )
 
 
 def install(model: nn.Module) -> None:
     """Register :func:`check_before_load` on ``model`` and on each of its sparse layers
-    (once each)."""
+    (once each), and give each a ``load_state_dict`` that records its ``strict``."""
     modules = [model] + [m for m in model.modules() if _has_sparse_weight(m)]
     for module in dict.fromkeys(modules):
         hooks = [getattr(h, "hook", h) for h in module._load_state_dict_pre_hooks.values()]
         if check_before_load not in hooks:
             module.register_load_state_dict_pre_hook(check_before_load)
+        module.load_state_dict = _StrictRecorded(module)
 
 
 def _has_sparse_weight(module: nn.Module) -> bool:
