@@ -80,7 +80,9 @@ except ImportError:  # running from a checkout without `pip install -e .`
     import sparse_param
 import sparse_param.models  # noqa: F401  (registers the papers' models with timm)
 from sparse_param import plots
+from sparse_param.checkpoint import load_checkpoint_file
 from sparse_param.layers import unwrap
+from sparse_param.scheduler import OPTIMIZER_STATE_KEY
 from sparse_param.structure import parse_structure
 
 _logger = logging.getLogger("train")
@@ -819,11 +821,10 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
-def load_checkpoint_file(path: str) -> dict[str, Any]:
-    """``torch.load`` a training checkpoint with ``weights_only=True`` (timm's checkpoints
-    hold the argparse Namespace of the run, allowed explicitly)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+def load_resume_checkpoint(path: str) -> dict[str, Any]:
+    """The training checkpoint ``--resume`` names, read as ``python -m sparse_param.export``
+    reads it (:func:`sparse_param.checkpoint.load_checkpoint_file`)."""
+    checkpoint = load_checkpoint_file(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise SystemExit(f"--resume {path}: not a training checkpoint (no 'state_dict')")
     return checkpoint
@@ -832,6 +833,10 @@ def load_checkpoint_file(path: str) -> dict[str, Any]:
 class SparseCheckpointSaver(CheckpointSaver):
     """timm's CheckpointSaver whose checkpoints also hold the sparse scheduler state
     (key ``"sparse_scheduler"``) and the LR scheduler state (``"lr_scheduler"``).
+
+    The sparse scheduler's state is saved once: the copy that rides in the optimizer's
+    state dict (``sparse_param.SparseScheduler``) is left out. Older checkpoints hold
+    both, and resume the same: the optimizer's copy is loaded, then the same state again.
 
     Ranking, ``last`` / ``model_best`` files and history pruning are timm's; only the
     checkpoint contents are built here.
@@ -851,6 +856,7 @@ class SparseCheckpointSaver(CheckpointSaver):
             "state_dict": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
         }
+        state["optimizer"].pop(OPTIMIZER_STATE_KEY, None)  # kept under SPARSE_CHECKPOINT_KEY
         if self.args is not None:
             state["args"] = self.args
         if self.amp_scaler is not None:
@@ -1149,7 +1155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start_epoch = 0
     checkpoint = None
     if args.resume:
-        checkpoint = load_checkpoint_file(args.resume)
+        checkpoint = load_resume_checkpoint(args.resume)
         sparse_param.load_state_dict(model, checkpoint["state_dict"])
         if not args.no_resume_opt:
             optimizer.load_state_dict(checkpoint["optimizer"])

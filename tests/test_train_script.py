@@ -9,6 +9,7 @@ bit for bit (CPU, one thread, ``--workers 0``); and a two-process DDP run (gloo)
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import importlib.util
 import os
@@ -185,6 +186,7 @@ def test_train_then_resume_is_exact(mnist_folder, tmp_path):
     reference = _load(run_dir / "checkpoint-1.pth.tar")
     assert first["epoch"] == 0 and reference["epoch"] == 1
     assert first["sparse_scheduler"]["step_count"] == steps
+    assert "sparse_param" not in first["optimizer"]  # the scheduler's state is saved once
     assert reference["sparse_scheduler"]["step_count"] == 2 * steps
     assert "lr_scheduler" in reference and "state_dict_ema" in reference
     masks = [k for k in reference["state_dict"] if k.endswith(MASK)]
@@ -354,6 +356,50 @@ def test_torchcompile_trains_with_exact_zeros(mnist_folder, tmp_path, method):
 
 
 # ------------------------------------------------------------------ configuration
+
+
+def _tiny_run(seed: int):
+    torch.manual_seed(seed)
+    model = sp.sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)), 0.3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = sp.RigL(model, optimizer, total_steps=20, update_interval=2, seed=seed)
+    return model, optimizer, scheduler
+
+
+def _train_steps(model, optimizer, steps: range) -> None:
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(4, 8, generator=g), torch.randint(0, 4, (4,), generator=g)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def test_the_checkpoint_holds_the_sparse_scheduler_state_once(tmp_path):
+    """The recipe's checkpoints hold the sparse scheduler's state once, under
+    "sparse_scheduler", not again inside the optimizer's state; a checkpoint of the older
+    layout, with both, resumes the same, and both resume exactly (the recipe's order)."""
+    model, optimizer, scheduler = _tiny_run(0)
+    _train_steps(model, optimizer, range(5))
+    saver = train.SparseCheckpointSaver(
+        model, optimizer, checkpoint_dir=str(tmp_path), sparse_scheduler=scheduler
+    )
+    saver._save(tmp_path / "new.pth.tar", epoch=0)
+    state = _load(tmp_path / "new.pth.tar")
+    assert "sparse_param" not in state["optimizer"]
+    assert state["sparse_scheduler"]["step_count"] == 5
+    older = copy.deepcopy({**state, "optimizer": optimizer.state_dict()})
+    assert older["optimizer"]["sparse_param"]["step_count"] == 5
+    _train_steps(model, optimizer, range(5, 12))
+    for checkpoint in (state, older):
+        resumed, resumed_optimizer, resumed_scheduler = _tiny_run(1)
+        sp.load_state_dict(resumed, checkpoint["state_dict"])
+        resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+        resumed_scheduler.load_state_dict(checkpoint["sparse_scheduler"])
+        _train_steps(resumed, resumed_optimizer, range(5, 12))
+        assert resumed_scheduler.history == scheduler.history
+        for key, value in model.state_dict().items():
+            assert torch.equal(resumed.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
