@@ -3,7 +3,6 @@
 from . import compute, fsdp, models, plots  # models: registers the papers' architectures with timm
 from .algorithms import ALGORITHMS, DSR, GMP, SET, SNFS, GraNet, RigL, SRigL, Static
 from .allocation import allocate, apportion
-from .attachment import attached_scheduler
 from .capacity import SameCapacity, capacity, same_capacity_dense
 from .export import (
     dense_state_dict,
@@ -14,6 +13,7 @@ from .export import (
 )
 from .flops import dense_training_flops, training_flops, weight_uses
 from .inference import SparseLinear, to_sparse
+from .init import rescale_to_active_fan_in
 from .layers import SparseLayer, sparse_layers
 from .mask import SparseMask
 from .meta import materialize
@@ -27,8 +27,8 @@ from .metrics import (
     layer_table,
     summary,
 )
-from .scheduler import SparseScheduler
-from .sparsify import rescale_to_active_fan_in, sparsify
+from .scheduler import SparseScheduler, attached_scheduler
+from .sparsify import sparsify
 
 __all__ = [
     "ALGORITHMS",

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from . import fsdp
+from .distributed import local_pair
 
 # Integer dtype of each float element size: zeroing goes through the weight's bits.
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -198,13 +198,13 @@ class SparseMask(nn.Module):
         """Zero the stored ``weight`` where the mask is off (exactly, NaN/Inf included),
         in place, and remember its version so the forward knows it is clean until
         something writes to it."""
-        data, mask = fsdp.local_pair(weight, self.mask)  # a sharded weight: its shard
+        data, mask = local_pair(weight, self.mask)  # a sharded weight: its shard
         zero_where_inactive_(data, mask)
         self.mark_clean(weight)
 
     def mark_clean(self, weight: Tensor) -> None:
         """Record that the stored ``weight`` is zero where inactive as it is now, without
-        touching it: only for a caller that knows (see :mod:`sparse_param.zeroing`)."""
+        touching it: only for a caller that knows (see :mod:`sparse_param.scheduler.zeroing`)."""
         self._clean = (weight._version, self.mask._version)
 
     def is_clean(self, weight: Tensor) -> bool:
@@ -316,12 +316,12 @@ class SparseMask(nn.Module):
         if not self.capture_dense_grad:
             return  # the gradient arrived masked
         grad = sharded.grad
-        data, mask = fsdp.local_pair(grad, self.mask)
+        data, mask = local_pair(grad, self.mask)
         fresh = self.dense_grad is None or self._reduced is None or self._reduced() is not grad
         if fresh:  # FSDP2 assigned a new .grad: nothing accumulated before it
             self.dense_grad = grad.detach().clone()
         else:  # added to the masked .grad we left: the inactive part adds to ours
-            dense = fsdp.local_pair(self.dense_grad, self.mask)[0]
+            dense = local_pair(self.dense_grad, self.mask)[0]
             dense.copy_(torch.where(mask, data, dense + data))
         zero_where_inactive_(data, mask)
         self._reduced = weakref.ref(grad)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..attachment import attached_scheduler
+from ..scheduler import attached_scheduler
 from ..checkpoint import check_state_dict
 from ..compute import remove_sparse_compute
 from ..layers import sparse_layers

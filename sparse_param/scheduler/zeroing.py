@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .layers import SparseLayer
+from ..layers import SparseLayer
 
 # Optimizer classes (exactly these, not subclasses: a subclass may change the update)
 # whose step leaves an exactly-zero weight with zero gradient and zero state at zero,
