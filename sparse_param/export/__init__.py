@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..scheduler import attached_scheduler
 from ..checkpoint import check_state_dict
 from ..compute import remove_sparse_compute
 from ..layers import sparse_layers
+from ..scheduler import attached_scheduler
 from ..standardized import is_standardized
 
 _ORIGINAL = "parametrizations.weight.original"
