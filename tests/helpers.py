@@ -200,7 +200,7 @@ def weight_shaped_state(optimizer: torch.optim.Optimizer, layer: SparseLayer) ->
 
 
 def check_invariants(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """DESIGN.md §2 invariants 1, 2, 4 (containment), 5 (optimizer state), ≥ 1 active.
+    """docs/architecture.md, invariants 1, 2, 4 (containment), 5 (optimizer state), ≥ 1 active.
 
     The computed weight is checked in training *and* evaluation mode (the parametrization
     takes different paths); the model's mode is restored.

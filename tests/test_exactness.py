@@ -1,4 +1,4 @@
-"""Exact zeros at inactive positions, whatever was written there (DESIGN.md invariant 2;
+"""Exact zeros at inactive positions, whatever was written there (docs/architecture.md, invariant 2;
 issue 7 §1), and reading state without changing it (issue 7 §6).
 
 NaN · 0 is NaN: re-zeroing or masking a gradient by multiplying with the mask lets a
