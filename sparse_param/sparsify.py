@@ -142,7 +142,7 @@ def sparsify(
             if parsed is not None:
                 record(module.parametrizations.weight[0], parsed)
             module.parametrizations.weight.register_state_dict_pre_hook(zero_inactive_before_save)
-            module.parametrizations.weight[0].hook_weight(module.parametrizations.weight.original)
+            module.parametrizations.weight[0].catch.hook(module.parametrizations.weight.original)
             if is_standardized(module):
                 install_sparse_forward(module)
     except BaseException:

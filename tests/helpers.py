@@ -253,3 +253,19 @@ def arm_and_capture(scheduler: sp.SparseScheduler, model: nn.Module, data) -> No
         layer.parametrization.capture_dense_grad = True
     scheduler.optimizer.zero_grad()
     loss_of(model, data).backward()
+
+
+def record_zeroing_passes(monkeypatch: pytest.MonkeyPatch) -> list[Tensor]:
+    """Every tensor the library zeroes where inactive from now on (stored weights by the
+    mask, gradients by the gradient masking), in order."""
+    from sparse_param import gradients, mask, zeros
+
+    passes: list[Tensor] = []
+
+    def recording(tensor: Tensor, where: Tensor) -> Tensor:
+        passes.append(tensor)
+        return zeros.zero_where_inactive_(tensor, where)
+
+    for module in (mask, gradients):
+        monkeypatch.setattr(module, "zero_where_inactive_", recording)
+    return passes

@@ -28,7 +28,7 @@ class DenseGradCapture:
         self.layers = list(layers)
         for layer in self.layers:
             weight = layer.weight
-            layer.parametrization.capture_after_reduce(weight if is_sharded(weight) else None)
+            layer.parametrization.catch.after_reduce_on(weight if is_sharded(weight) else None)
 
     def arm(self, on: bool) -> None:
         """Capture (or not) in the backward passes of the next optimizer step."""
@@ -56,6 +56,6 @@ class DenseGradCapture:
     def remove(self) -> None:
         """Stop capturing and unhook the sharded weights."""
         for layer in self.layers:
-            layer.parametrization.capture_after_reduce(None)
+            layer.parametrization.catch.after_reduce_on(None)
         self.arm(False)
         self.clear()
