@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import enum
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .distributed import local_pair
 from .zeros import zero_where_inactive_
-
-if TYPE_CHECKING:
-    from .mask import SparseMask
 
 
 class MaskedGrad(torch.autograd.Function):
@@ -93,10 +90,11 @@ class Pending(enum.Enum):
 
 
 class GradMasking:
-    """Keeps ``weight.grad`` of ``owner``'s stored weight exactly zero where inactive,
-    and knows when it still is (so the step after it can skip re-zeroing)."""
+    """Keeps ``weight.grad`` of the stored weight exactly zero where ``owner.mask`` (the
+    :class:`~sparse_param.mask.SparseMask` holding it) is off, and knows when it still
+    is (so the step after it can skip re-zeroing)."""
 
-    def __init__(self, owner: SparseMask) -> None:
+    def __init__(self, owner: nn.Module) -> None:
         self.owner = owner
         self.pending: Pending | None = None
         self._hooked: weakref.ref[Tensor] | None = None  # weight carrying the hook
@@ -147,11 +145,12 @@ class GradMasking:
 
 
 class DenseGradCatch:
-    """While ``armed``, adds every backward pass's dense gradient of ``owner``'s weight
+    """While ``armed``, adds every backward pass's dense gradient of the stored weight
     (shape of the weight) to ``grad``, starting afresh after ``zero_grad()`` as ``.grad``
-    does; what goes on to ``.grad`` is masked."""
+    does; what goes on to ``.grad`` is masked by ``owner.mask`` (the
+    :class:`~sparse_param.mask.SparseMask` holding it)."""
 
-    def __init__(self, owner: SparseMask) -> None:
+    def __init__(self, owner: nn.Module) -> None:
         self.owner = owner
         self.armed = False
         self.grad: Tensor | None = None
