@@ -155,7 +155,8 @@ def bench_mask_ops(args: argparse.Namespace) -> dict[str, float]:
     """CPU ms per training step of the elementwise work each masking form adds, on
     resnet50's sparse weights: what the step-time difference is made of. The library
     rows call the library's own code, so they follow its changes."""
-    from sparse_param.mask import SparseMask, zero_where_inactive_
+    from sparse_param.mask import SparseMask
+    from sparse_param.zeros import zero_where_inactive_
 
     model = sparsify(make_resnet(), args.density)
     layers = list(sparse_layers(model))

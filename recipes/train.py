@@ -82,7 +82,7 @@ import sparse_param.models  # noqa: F401  (registers the papers' models with tim
 from sparse_param import plots
 from sparse_param.checkpoint import load_checkpoint_file
 from sparse_param.layers import unwrap
-from sparse_param.scheduler import OPTIMIZER_STATE_KEY
+from sparse_param.scheduler.hooks import OPTIMIZER_STATE_KEY
 from sparse_param.structure import parse_structure
 
 _logger = logging.getLogger("train")

@@ -1,9 +1,8 @@
 """sparse_param: sparse-from-scratch training for any PyTorch model."""
 
-from . import fsdp, kernels, models, plots  # models: registers the papers' architectures with timm
+from . import kernels, models, plots  # models: registers the papers' architectures with timm
 from .algorithms import ALGORITHMS, DSR, GMP, SET, SNFS, GraNet, RigL, SRigL, Static
 from .allocation import allocate, apportion
-from .attachment import attached_scheduler
 from .capacity import SameCapacity, capacity, same_capacity_dense
 from .checkpoint import (
     dense_state_dict,
@@ -13,6 +12,7 @@ from .checkpoint import (
     save_safetensors,
 )
 from .flops import dense_training_flops, training_flops, weight_uses
+from .init import rescale_to_active_fan_in
 from .kernels import SparseLinear, to_sparse
 from .layers import SparseLayer, sparse_layers
 from .mask import SparseMask
@@ -27,8 +27,8 @@ from .metrics import (
     layer_table,
     summary,
 )
-from .scheduler import SparseScheduler
-from .sparsify import rescale_to_active_fan_in, sparsify
+from .scheduler import SparseScheduler, attached_scheduler
+from .sparsify import sparsify
 
 __all__ = [
     "ALGORITHMS",
@@ -50,7 +50,6 @@ __all__ = [
     "apportion",
     "attached_scheduler",
     "capacity",
-    "fsdp",
     "dense_training_flops",
     "dense_state_dict",
     "density",

@@ -1,10 +1,20 @@
-"""The few collective operations the scheduler needs; no-ops outside distributed runs."""
+"""The tensor operations that differ under DDP and FSDP2; plain tensors pass through.
+
+Under DDP every rank holds whole tensors and the few collectives the scheduler needs
+(averaging, broadcasting a mask) are no-ops outside a distributed run. Under FSDP2
+(``fully_shard``) the stored weights, their gradients and every optimizer state tensor
+are DTensors sharded on dim 0, while ``mask`` and ``ever_active`` stay whole on every
+rank (replicated): where the library writes to a sharded tensor it writes the local
+shard with the matching slice of the mask (:func:`local_pair`), and where it needs a
+layer's whole tensor (a top-k over the layer) it gathers it (:func:`full`).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def world_size() -> int:
@@ -31,3 +41,38 @@ def broadcast_mask_(mask: Tensor) -> Tensor:
         dist.broadcast(as_bytes, src=0)
         mask.copy_(as_bytes.bool())
     return mask
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP2's sharded parameters, gradients, state)."""
+    return isinstance(tensor, DTensor)
+
+
+def full(tensor: Tensor) -> Tensor:
+    """``tensor`` whole: a DTensor is gathered (a collective: every rank must call it)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_pair(tensor: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``tensor``'s local data and the part of the whole ``mask`` (shape of ``tensor``)
+    that lines up with it; both as given for a plain tensor. No communication."""
+    if not isinstance(tensor, DTensor):
+        return tensor, mask
+    # src_data_rank=None: every rank slices its own copy of the replicated mask.
+    shard = distribute_tensor(mask, tensor.device_mesh, tensor.placements, src_data_rank=None)
+    return tensor.to_local(), shard.to_local()
+
+
+def masked_fill_(tensor: Tensor, mask: Tensor, value: float) -> None:
+    """``tensor[mask] = value`` in place, for a plain or a sharded ``tensor``."""
+    data, where = local_pair(tensor, mask)
+    data.masked_fill_(where, value)
+
+
+def averaged(grad: Tensor) -> Tensor:
+    """A captured dense gradient averaged over ranks, whole: a sharded one (already
+    averaged by FSDP2's reduce-scatter) is gathered, a plain one is all-reduced in place
+    (DDP). Collective: every rank must call it."""
+    if isinstance(grad, DTensor):
+        return grad.full_tensor()
+    return average_(grad)

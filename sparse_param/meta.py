@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import fsdp
+from .distributed import masked_fill_
+from .init import draw_mask, rescale_to_active_fan_in
 from .layers import sparse_layers
 from .structure import Structure
 
@@ -81,8 +82,6 @@ def materialize(model: nn.Module, init_fn: Callable[[nn.Module], None] | None = 
             f"materialize: layers {on_meta[:3]}{' …' if len(on_meta) > 3 else ''} are still "
             f"on the meta device; call model.to_empty(device=...) first"
         )
-    from .sparsify import draw_mask, rescale_to_active_fan_in  # sparsify imports us
-
     plans: dict[int, MaskPlan] = {}
     for layer in layers:
         plans.setdefault(id(layer.parametrization.plan), layer.parametrization.plan)
@@ -106,7 +105,7 @@ def materialize(model: nn.Module, init_fn: Callable[[nn.Module], None] | None = 
     for layer in layers:
         # masked_fill, not mul: the garbage to_empty left may hold NaN. Sharded by
         # fully_shard: each rank fills its own shard.
-        fsdp.masked_fill_(layer.weight, ~layer.mask, 0)
+        masked_fill_(layer.weight, ~layer.mask, 0)
         layer.parametrization.zero_inactive_(layer.weight)  # records the clean version
     for plan in plans.values():
         if plan.sparse_init:

@@ -9,16 +9,16 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import fsdp
 from .allocation import allocate
 from .checkpoint.checks import install
+from .distributed import is_sharded
+from .init import draw_mask, rescale_to_active_fan_in
 from .kernels.csr import check_compute_mode, set_compute, supports_compute_target
 from .layers import DEFAULT_LAYER_TYPES, find_targets, sparse_layers
 from .mask import SparseMask, zero_inactive_after_load, zero_inactive_before_save
 from .meta import MaskPlan
-from .sampling import random_subset
 from .standardized import install_sparse_forward, is_standardized
-from .structure import Structure, parse_structure, random_mask, record
+from .structure import Structure, parse_structure, record
 
 
 def sparsify(
@@ -105,7 +105,7 @@ def sparsify(
             f"sparsify: compute={compute!r} needs an nn.Linear target and there is none "
             f"(convolutions always compute dense); use compute='dense'"
         )
-    fsdp.refuse_sharded(targets)
+    _refuse_sharded(targets)
     shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
     parsed = parse_structure(structure)
     if isinstance(distribution, Mapping):
@@ -142,7 +142,7 @@ def sparsify(
             if parsed is not None:
                 record(module.parametrizations.weight[0], parsed)
             module.parametrizations.weight.register_state_dict_pre_hook(zero_inactive_before_save)
-            module.parametrizations.weight[0].hook_weight(module.parametrizations.weight.original)
+            module.parametrizations.weight[0].catch.hook(module.parametrizations.weight.original)
             if is_standardized(module):
                 install_sparse_forward(module)
     except BaseException:
@@ -182,35 +182,6 @@ def _meta_plan(
     )
 
 
-@torch.no_grad()
-def rescale_to_active_fan_in(model: nn.Module) -> None:
-    """Scale each output unit's stored weights by ``sqrt(fan_in / active_fan_in)``.
-
-    ``fan_in`` is the unit's dense fan-in (``weight[0].numel()``); units with no active
-    input are left as they are.
-    """
-    for layer in sparse_layers(model):
-        active = layer.mask.flatten(1).sum(1).to(layer.weight.dtype)
-        fan_in = layer.mask[0].numel()
-        scale = torch.where(active > 0, (fan_in / active.clamp(min=1)).sqrt(), 1.0)
-        factor = scale.view(-1, *([1] * (layer.mask.dim() - 1))).expand(layer.mask.shape)
-        data, factor = fsdp.local_pair(layer.weight, factor)  # sharded: this rank's rows
-        data.mul_(factor)
-
-
-def draw_mask(
-    shape: Sequence[int], count: int, structure: Structure | None, generator: torch.Generator
-) -> torch.Tensor:
-    """A random bool mask of ``shape`` with ``count`` active (and ``structure``), drawn
-    from ``generator``: what sparsify (and materialize, for a meta model) installs."""
-    if structure is not None:
-        return random_mask(shape, structure, count, generator)
-    numel = math.prod(shape)
-    mask = torch.zeros(numel, dtype=torch.bool)
-    mask[random_subset(numel, count, generator)] = True
-    return mask.view(*shape)
-
-
 def _generator(seed: int | torch.Generator) -> torch.Generator:
     if isinstance(seed, torch.Generator):
         if seed.device.type != "cpu":
@@ -236,3 +207,14 @@ def _check_mapping_counts(
                 f"sparsify: layer {name!r} has {numel} weights, too few for density {d} "
                 f"(0 active); give it a density of at least {1 / numel:.3g}"
             )
+
+
+def _refuse_sharded(targets: Mapping[str, nn.Module]) -> None:
+    """Raise if a target weight is already sharded by ``fully_shard``."""
+    sharded = [name for name, module in targets.items() if is_sharded(module.weight)]
+    if sharded:
+        raise ValueError(
+            f"sparsify: the weights of {sharded[:3]}{' …' if len(sharded) > 3 else ''} are "
+            f"already sharded (DTensor): call sparsify(model) before fully_shard(...), "
+            f"then build the optimizer and the scheduler"
+        )

@@ -7,13 +7,14 @@ Hypothesis profiles: ``ci`` (the default, 200 examples per property, no deadline
 Helpers are handed out as session-scoped fixtures (so they also work inside
 ``@given`` tests, where function-scoped fixtures are refused):
 
-* ``check_invariants(model, counts=None)``: DESIGN.md §2 invariants 1-4 for every sparse
+* ``check_invariants(model, counts=None)``: docs/architecture.md, invariants 1-4 for every sparse
   layer, plus exact per-layer active counts when ``counts`` is given.
 * ``zero_off(tensor, mask)``: whether ``tensor`` is exactly 0 wherever ``mask`` is False.
 * ``snapshot(model)`` / ``assert_untouched(model, snap)``: prove a failed call left the
   model exactly as it was (state dict values, parameter identities, module classes).
 * ``erk_reference(shapes, density)``: an independent solution of the ERK allocation
-  (DESIGN.md §3), written from the formula, not from ``sparse_param.allocation``.
+  (docs/guide/sparsify.md, Allocation), written from the formula, not from
+  ``sparse_param.allocation``.
 * ``bounded_shares(total, weights, lower, upper)``: the exact real-valued solution of
   ``sum(clamp(eps * w_i, lo_i, hi_i)) == total`` by walking the breakpoints.
 
@@ -215,7 +216,8 @@ class ErkReference:
     numel: dict[str, int]
     share: dict[str, float]  # real-valued active count of each layer
     dense: set[str]  # layers whose ERK density would exceed 1
-    iterative_eps: float | None  # ε by the DESIGN.md §3 loop (None if a lower bound binds)
+    # ε by the allocation loop of docs/guide/sparsify.md (None if a lower bound binds)
+    iterative_eps: float | None
 
 
 def _erk_reference(shapes: Mapping[str, Sequence[int]], density: float) -> ErkReference:
@@ -224,7 +226,8 @@ def _erk_reference(shapes: Mapping[str, Sequence[int]], density: float) -> ErkRe
     target = round(density * sum(numel.values()))
     names = list(shapes)
 
-    # DESIGN.md §3, literally: solve ε, make every layer above density 1 dense, repeat.
+    # docs/guide/sparsify.md, Allocation, literally: solve ε, make every layer above
+    # density 1 dense, repeat.
     dense: set[str] = set()
     while True:
         rest = [n for n in names if n not in dense]

@@ -200,7 +200,7 @@ def weight_shaped_state(optimizer: torch.optim.Optimizer, layer: SparseLayer) ->
 
 
 def check_invariants(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """DESIGN.md §2 invariants 1, 2, 4 (containment), 5 (optimizer state), ≥ 1 active.
+    """docs/architecture.md, invariants 1, 2, 4 (containment), 5 (optimizer state), ≥ 1 active.
 
     The computed weight is checked in training *and* evaluation mode (the parametrization
     takes different paths); the model's mode is restored.
@@ -253,3 +253,19 @@ def arm_and_capture(scheduler: sp.SparseScheduler, model: nn.Module, data) -> No
         layer.parametrization.capture_dense_grad = True
     scheduler.optimizer.zero_grad()
     loss_of(model, data).backward()
+
+
+def record_zeroing_passes(monkeypatch: pytest.MonkeyPatch) -> list[Tensor]:
+    """Every tensor the library zeroes where inactive from now on (stored weights by the
+    mask, gradients by the gradient masking), in order."""
+    from sparse_param import gradients, mask, zeros
+
+    passes: list[Tensor] = []
+
+    def recording(tensor: Tensor, where: Tensor) -> Tensor:
+        passes.append(tensor)
+        return zeros.zero_where_inactive_(tensor, where)
+
+    for module in (mask, gradients):
+        monkeypatch.setattr(module, "zero_where_inactive_", recording)
+    return passes

@@ -1,4 +1,5 @@
-"""Layer allocation: ``apportion``, ``layer_scores`` and ``allocate`` (DESIGN.md §3)."""
+"""Layer allocation: ``apportion``, ``layer_scores`` and ``allocate``
+(docs/guide/sparsify.md, Allocation)."""
 
 from __future__ import annotations
 
@@ -150,7 +151,7 @@ def test_layer_scores_follow_the_formulas(shape):
 
 
 def test_erk_score_of_a_conv_counts_the_kernel_dims():
-    # DESIGN.md §3: (c_out + c_in + k_h + k_w) / (c_out * c_in * k_h * k_w)
+    # docs/guide/sparsify.md, Allocation: (c_out + c_in + k_h + k_w) / (c_out * c_in * k_h * k_w)
     assert layer_scores((64, 32, 3, 3), "erk") == pytest.approx((64 + 32 + 3 + 3) / (64 * 32 * 9))
     assert layer_scores((64, 32, 3, 3), "er") == pytest.approx((64 + 32) / (64 * 32))
 
@@ -190,7 +191,8 @@ def test_allocate_erk_matches_the_formula(erk_reference, shapes, density):
         if name in ref.dense:
             assert counts[name] == ref.numel[name], name
     if ref.iterative_eps is not None:
-        # No layer needed the at-least-one bound: the DESIGN.md §3 loop is the solution.
+        # No layer needed the at-least-one bound: the allocation loop of
+        # docs/guide/sparsify.md is the solution.
         for name in shapes:
             real = min(1.0, ref.iterative_eps * ref.score[name]) * ref.numel[name]
             assert real == pytest.approx(ref.share[name], rel=1e-9, abs=1e-9), name

@@ -358,8 +358,6 @@ def test_exact_gradients_need_no_masking_pass(monkeypatch):
     the gradient nor the weights get a zeroing pass between updates; a gradient edited
     after backward, or a second use of the weight through the masked-dense path, brings
     the pass back. Stored weights stay exactly zero where inactive throughout."""
-    from sparse_param import mask as mask_module
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
     sp.sparsify(model, 0.3, compute="sparse")
@@ -368,11 +366,7 @@ def test_exact_gradients_need_no_masking_pass(monkeypatch):
     layers = list(sp.sparse_layers(model))
     x, y = torch.randn(8, 12), torch.randint(4, (8,))
     model(x)  # the first forward re-zeroes what sparsify's init wrote
-    passes: list[torch.Tensor] = []
-    original = mask_module.zero_where_inactive_
-    monkeypatch.setattr(
-        mask_module, "zero_where_inactive_", lambda t, m: passes.append(t) or original(t, m)
-    )
+    passes = helpers.record_zeroing_passes(monkeypatch)
 
     def train_step(edit: bool = False) -> None:
         passes.clear()

@@ -1,4 +1,4 @@
-"""Masks agree across DDP ranks after every update (DESIGN.md §2, invariant 8).
+"""Masks agree across DDP ranks after every update (docs/architecture.md, invariants 8).
 
 Two CPU processes (gloo, ``torch.multiprocessing`` spawn, a free port found at run time,
 a timeout) train a ``DistributedDataParallel`` TinyNet on *different* data per rank with

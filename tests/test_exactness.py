@@ -1,4 +1,4 @@
-"""Exact zeros at inactive positions, whatever was written there (DESIGN.md invariant 2;
+"""Exact zeros at inactive positions, whatever was written there (docs/architecture.md, invariant 2;
 issue 7 §1), and reading state without changing it (issue 7 §6).
 
 NaN · 0 is NaN: re-zeroing or masking a gradient by multiplying with the mask lets a
@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparse_param as sp
-from sparse_param import mask as mask_module
 from sparse_param.layers import sparse_layers
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -261,11 +261,7 @@ def test_exact_optimizers_skip_the_post_step_pass(monkeypatch):
     sp.RigL(model, optimizer, total_steps=1000, update_interval=500)
     x, y = torch.randn(4, *IN_SHAPE), torch.randint(N_CLASSES, (4,))
     model(x)  # the first forward re-zeroes what sparsify's init wrote (the safety net)
-    passes = []
-    original = mask_module.zero_where_inactive_
-    monkeypatch.setattr(
-        mask_module, "zero_where_inactive_", lambda t, m: passes.append(t) or original(t, m)
-    )
+    passes = helpers.record_zeroing_passes(monkeypatch)
     layers = list(sparse_layers(model))
     for step in range(4):
         passes.clear()

@@ -1,4 +1,4 @@
-"""The ``SparseMask`` parametrization on its own (DESIGN.md §2 invariants 2, 5)."""
+"""The ``SparseMask`` parametrization on its own (docs/architecture.md, invariants 2, 5)."""
 
 from __future__ import annotations
 
@@ -94,9 +94,9 @@ def test_assigning_weight_stores_it_masked(n_in, n_out, seed):
 
 
 def test_in_place_init_of_module_weight_never_reaches_the_computation_off_mask():
-    # DESIGN.md §5: nn.init and reset_parameters() write in place into whatever
-    # ``module.weight`` returns. Whatever that reaches, the layer must go on computing
-    # with zeros where the mask is off.
+    # docs/papers.md#pitfalls-found-elsewhere: nn.init and reset_parameters() write in
+    # place into whatever ``module.weight`` returns. Whatever that reaches, the layer
+    # must go on computing with zeros where the mask is off.
     layer, mask = masked_linear(6, 5, 0)
     nn.init.constant_(layer.weight, 2.0)
     x = torch.randn(3, 6)

@@ -1,4 +1,4 @@
-"""Resuming mid-run is bit-identical to never stopping (DESIGN.md §2, invariant 7).
+"""Resuming mid-run is bit-identical to never stopping (docs/architecture.md, invariants 7).
 
 Train N steps uninterrupted; separately train k steps, save model / optimizer /
 scheduler state dicts with ``torch.save``, load them with ``weights_only=True`` into a

@@ -1,4 +1,4 @@
-"""Stateful property tests of the scheduler engine (DESIGN.md §2, invariants 1-7).
+"""Stateful property tests of the scheduler engine (docs/architecture.md, invariants 1-7).
 
 A hypothesis ``RuleBasedStateMachine`` drives one algorithm on a tiny model (a Conv2d
 and three Linear layers) through random sequences of

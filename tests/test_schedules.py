@@ -1,6 +1,6 @@
 """Pure schedules of dynamic sparse training (``sparse_param.schedules``), property-based.
 
-drop_fraction: RigL's α_t (cosine), its linear and constant variants (DESIGN.md §4).
+drop_fraction: RigL's α_t (cosine), its linear and constant variants (docs/papers.md#algorithms).
 cubic_decay: Zhu & Gupta's gradual pruning schedule (GMP, GraNet).
 doubling_interval: DSR's 100 → 200 → 400 → 800 update intervals.
 """

@@ -1,4 +1,4 @@
-"""``sparsify`` on random layer stacks: DESIGN.md §2 invariants 1-4 and 7, gradients,
+"""``sparsify`` on random layer stacks: docs/architecture.md, invariants 1-4 and 7, gradients,
 seeds, state dicts, dtype / memory-format conversions, deep copies, bad input."""
 
 from __future__ import annotations
@@ -348,7 +348,8 @@ def test_assigning_module_weight_stores_it_masked(check_invariants, layer_specs,
 @given(stacks, seeds)
 def test_in_place_init_of_module_weight_never_computes_with_pruned_weights(layer_specs, seed):
     # nn.init / reset_parameters() write into whatever ``module.weight`` returns
-    # (DESIGN.md §5); whatever the write reaches, the layer must not compute with it.
+    # (docs/papers.md#pitfalls-found-elsewhere); whatever the write reaches, the layer
+    # must not compute with it.
     model = build(layer_specs, seed)
     if not feasible(target_shapes(model), 0.3):
         return

@@ -5,7 +5,7 @@
 * the grouped selection keeps every group's count exact for random masks and scores,
   drops only active weights, grows only inactive ones, and drops the lowest scores;
 * Static, SET, RigL, SRigL and GMP keep the structure through 100 updates with SGD and
-  AdamW (and the DESIGN.md invariants); SNFS, DSR and GraNet refuse structured models;
+  AdamW (and the invariants in docs/architecture.md); SNFS, DSR and GraNet refuse structured models;
 * SRigL ablates a unit without salient weights and redistributes its budget;
 * resume is bit-identical; checkpoints record the structure, and a checkpoint whose
   mask violates it, or of another structure, is refused;

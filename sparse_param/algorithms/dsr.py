@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import fsdp
 from ..allocation import apportion
 from ..arguments import check_int, check_real
-from ..scheduler import SparseScheduler, redistribute
+from ..distributed import full
+from ..scheduler import Plan, PositiveReal, SparseScheduler, inactive_counts, redistribute
 from ..schedules import doubling_interval
 
 
@@ -37,6 +37,7 @@ class DSR(SparseScheduler):
 
     defaults = {**SparseScheduler.defaults, "drop_schedule": "constant"}
     keeps_structure = False  # redistributes across layers
+    state_fields = {"threshold": PositiveReal()}
 
     def __init__(
         self,
@@ -65,49 +66,25 @@ class DSR(SparseScheduler):
     def interval(self, step: int) -> int:
         return doubling_interval(step, self.update_interval, self.stop_step, self.doublings)
 
-    def prune_counts(self, fraction: float) -> list[int]:
+    def plan(self, fraction: float) -> Plan:
         below = [
-            min(
-                int(
-                    (fsdp.full(layer.weight).abs() < self.threshold)
-                    .logical_and_(layer.mask)
-                    .count_nonzero()
-                ),
-                layer.active - 1,
-            )
-            for layer in self.layers
-        ]
+            min(int(((full(x.weight).abs() < self.threshold) & x.mask).count_nonzero()),
+                x.active - 1)
+            for x in self.layers
+        ]  # fmt: skip
         # Regrowth only uses positions inactive before the update: in a dense model
         # there may be fewer of those than weights below H. Prune no more than can
         # regrow, sharing the cut in proportion to each layer's count below H.
-        room = sum(layer.numel - layer.active for layer in self.layers)
-        if sum(below) > room:
-            below = apportion(room, below, [0] * len(below), below)
-        return below
+        room = inactive_counts(self.layers)
+        if sum(below) > sum(room):
+            below = apportion(sum(room), below, [0] * len(below), below)
+        surviving = [layer.active - n for layer, n in zip(self.layers, below)]
+        return Plan(prune=below, grow=redistribute(sum(below), surviving, room))
 
-    def grow_counts(self, pruned: Sequence[int], capacity: Sequence[int]) -> list[int]:
-        surviving = [layer.active - n for layer, n in zip(self.layers, pruned)]
-        return redistribute(sum(pruned), surviving, capacity)
-
-    def after_update(self, pruned: Sequence[int], grown: Sequence[int]) -> None:
-        total = sum(pruned)
-        if total > 1.1 * self.target_pruned:
-            self.threshold /= 2
-        elif total < 0.9 * self.target_pruned:
-            self.threshold *= 2
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "threshold": self.threshold}
-
-    def _check_state(self, state: Any) -> None:
-        super()._check_state(state)
-        value = state.get("threshold")
-        if isinstance(value, bool) or not isinstance(value, float) or not 0 < value < math.inf:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: threshold must be a positive finite "
-                f"float, got {value!r}"
-            )
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)  # checks the whole state, threshold included
-        self.threshold = float(state["threshold"])
+    def adapt(self, plan: Plan) -> Mapping[str, Any]:
+        pruned = sum(plan.prune)
+        if pruned > 1.1 * self.target_pruned:
+            return {"threshold": self.threshold / 2}
+        if pruned < 0.9 * self.target_pruned:
+            return {"threshold": self.threshold * 2}
+        return {}

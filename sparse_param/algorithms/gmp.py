@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..allocation import allocate
 from ..arguments import check_real
 from ..layers import SparseLayer
-from ..scheduler import SparseScheduler
+from ..scheduler import LayerCounts, Plan, SparseScheduler
 from ..schedules import cubic_decay
 from ..structure import Structure, group_counts, parse_structure
 
@@ -43,6 +43,8 @@ class GMP(SparseScheduler):
 
     defaults = {**SparseScheduler.defaults, "drop_fraction": 0.0, "drop_schedule": "constant"}
     regrows = False
+    updates_at_stop = True  # the final counts are reached exactly at stop
+    state_fields = {"initial_counts": LayerCounts(minimum=lambda gmp: gmp.final_counts)}
 
     def __init__(
         self,
@@ -120,10 +122,6 @@ class GMP(SparseScheduler):
             )
         self.structures = [structure] * len(self.layers)
 
-    def is_update_step(self, step: int) -> bool:
-        # Also update at stop itself, so the final counts are reached exactly.
-        return super().is_update_step(step) or step == self.stop_step > self.start_step
-
     def target_counts(self, step: int) -> list[int]:
         """Active count of each layer scheduled for ``step`` (with a structure: the
         schedule per group times the number of groups)."""
@@ -138,42 +136,20 @@ class GMP(SparseScheduler):
             for i, f, g in zip(self.initial_counts, self.final_counts, sizes)
         ]
 
-    def group_targets(self, index: int, layer: SparseLayer) -> Tensor | None:
+    def plan(self, fraction: float) -> Plan:
+        targets = self.target_counts(self.step_count)
+        pruned = [max(layer.active - t, 0) for layer, t in zip(self.layers, targets)]
+        return Plan(pruned, [0] * len(pruned), self._group_targets(targets))
+
+    def _group_targets(self, counts: list[int]) -> list[Tensor | None] | None:
+        """With a structure: every group of a layer ends at the same count."""
         if self.structure is None:
             return None
-        count = self.target_counts(self.step_count)[index]
-        counts = group_counts(layer.mask, self.structure)
-        return torch.full_like(counts, count // counts.numel())
-
-    def prune_counts(self, fraction: float) -> list[int]:
-        targets = self.target_counts(self.step_count)
-        return [max(layer.active - t, 0) for layer, t in zip(self.layers, targets)]
-
-    def grow_counts(self, pruned, capacity) -> list[int]:
-        return [0] * len(pruned)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "initial_counts": list(self.initial_counts)}
-
-    def _check_state(self, state: Any) -> None:
-        super()._check_state(state)
-        saved = state.get("initial_counts")
-        if not (
-            isinstance(saved, list)
-            and len(saved) == len(self.layers)
-            and all(
-                isinstance(n, int) and not isinstance(n, bool) and f <= n <= layer.numel
-                for n, f, layer in zip(saved, self.final_counts, self.layers)
-            )
-        ):
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: initial_counts must be a list of "
-                f"{len(self.layers)} ints, each between the layer's final count and its size"
-            )
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)  # checks the whole state, initial_counts included
-        self.initial_counts = list(state["initial_counts"])
+        targets: list[Tensor | None] = []
+        for layer, count in zip(self.layers, counts):
+            groups = group_counts(layer.mask, self.structure)
+            targets.append(torch.full_like(groups, count // groups.numel()))
+        return targets
 
 
 class GraNet(GMP):
@@ -191,18 +167,14 @@ class GraNet(GMP):
     regrows = True
     keeps_structure = False  # its regrowth counts are per layer, not per group
 
-    def prune_counts(self, fraction: float) -> list[int]:
+    def plan(self, fraction: float) -> Plan:
         targets = self.target_counts(self.step_count)
-        self._regrow = [
+        regrow = [
             max(min(round(fraction * t), layer.numel - layer.active, t - 1), 0)
             for layer, t in zip(self.layers, targets)
         ]
-        return [
-            max(layer.active - t, 0) + r for layer, t, r in zip(self.layers, targets, self._regrow)
-        ]
-
-    def grow_counts(self, pruned, capacity) -> list[int]:
-        return list(self._regrow)
+        pruned = [max(x.active - t, 0) + r for x, t, r in zip(self.layers, targets, regrow)]
+        return Plan(pruned, regrow)
 
     def grow_score(self, index: int, layer: SparseLayer) -> Tensor:
         return layer.parametrization.dense_grad.abs()

@@ -10,10 +10,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import distributed, fsdp
 from ..arguments import check_real
+from ..distributed import full
 from ..layers import SparseLayer
-from ..scheduler import SparseScheduler, redistribute
+from ..scheduler import (
+    LayerTensors,
+    Plan,
+    SparseScheduler,
+    inactive_counts,
+    magnitude_counts,
+    redistribute,
+)
 
 
 class SNFS(SparseScheduler):
@@ -37,6 +44,8 @@ class SNFS(SparseScheduler):
 
     defaults = {**SparseScheduler.defaults, "drop_fraction": 0.5}
     keeps_structure = False  # redistributes across layers
+    captures_every_step = True
+    state_fields = {"buffers": LayerTensors(averaged=True)}
 
     def __init__(
         self,
@@ -50,58 +59,23 @@ class SNFS(SparseScheduler):
         super().__init__(model, optimizer, **kwargs)
 
     def setup(self) -> None:
-        self.buffers = [
-            # Shaped like the mask: whole on every rank, like the dense gradient it sums
-            # (under FSDP2 too, where the weight is sharded).
-            torch.zeros_like(layer.mask, dtype=torch.float32)
-            for layer in self.layers
-        ]
+        # Shaped like the mask: whole on every rank, like the dense gradient it sums
+        # (under FSDP2 too, where the weight is sharded).
+        self.buffers = [torch.zeros_like(layer.mask, dtype=torch.float32) for layer in self.layers]
 
-    def wants_dense_grad(self, step: int) -> bool:
-        return True
-
-    def observe(self) -> None:
-        for buffer, layer in zip(self.buffers, self.layers):
-            grad = layer.parametrization.dense_grad
+    def observe(self, dense_grads: Sequence[Tensor | None]) -> None:
+        for buffer, grad in zip(self.buffers, dense_grads):
             if grad is not None:  # sharded under FSDP2: gathered (reduced already)
-                buffer.mul_(self.momentum).add_(fsdp.full(grad))
-                layer.parametrization.dense_grad = None
+                buffer.mul_(self.momentum).add_(full(grad))
 
-    def before_update(self) -> None:
-        for buffer in self.buffers:
-            distributed.average_(buffer)
-
-    def grow_counts(self, pruned: Sequence[int], capacity: Sequence[int]) -> list[int]:
+    def plan(self, fraction: float) -> Plan:
+        pruned = magnitude_counts(self.layers, fraction)
         weights = [
             float(buffer.abs()[layer.mask].mean()) if layer.active else 0.0
             for buffer, layer in zip(self.buffers, self.layers)
         ]
         weights = [w if math.isfinite(w) else 0.0 for w in weights]
-        return redistribute(sum(pruned), weights, capacity)
+        return Plan(pruned, redistribute(sum(pruned), weights, inactive_counts(self.layers)))
 
     def grow_score(self, index: int, layer: SparseLayer) -> Tensor:
         return self.buffers[index].abs()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "buffers": [b.clone() for b in self.buffers]}
-
-    def _check_state(self, state: Any) -> None:
-        super()._check_state(state)
-        saved = state.get("buffers")
-        if not (
-            isinstance(saved, list)
-            and len(saved) == len(self.buffers)
-            and all(
-                isinstance(s, Tensor) and s.is_floating_point() and s.shape == b.shape
-                for s, b in zip(saved, self.buffers)
-            )
-        ):
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: buffers must be a list of "
-                f"{len(self.buffers)} float tensors shaped like the layers' weights"
-            )
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)  # checks the whole state, buffers included
-        for buffer, saved in zip(self.buffers, state["buffers"]):
-            buffer.copy_(saved)

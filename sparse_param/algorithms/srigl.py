@@ -4,15 +4,15 @@ Sparsity", ICLR 2024): constant fan-in RigL with neuron ablation."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .. import fsdp
 from ..arguments import check_real
+from ..distributed import full
 from ..layers import SparseLayer
+from ..scheduler import LayerCounts, Plan, magnitude_counts
 from ..structure import group_counts
 from .rigl import RigL
 
@@ -49,6 +49,8 @@ class SRigL(RigL):
         gamma_sal: γ_sal, the share of the constant fan-in a unit must keep salient.
     """
 
+    state_fields = {"budgets": LayerCounts(minimum=1)}
+
     def __init__(
         self,
         model: nn.Module,
@@ -58,8 +60,6 @@ class SRigL(RigL):
         **kwargs: Any,
     ):
         self.gamma_sal = check_real("SRigL", "gamma_sal", gamma_sal, 0, 1)
-        self._targets: list[Tensor | None] = []
-        self._grow: list[int] = []
         self.budgets: list[int] = []
         super().__init__(model, optimizer, **kwargs)
 
@@ -76,28 +76,29 @@ class SRigL(RigL):
             )
         self.budgets = [layer.active for layer in self.layers]
 
-    def prune_counts(self, fraction: float) -> list[int]:
-        counts = super().prune_counts(fraction)
-        self._targets, self._grow = [], []
+    def plan(self, fraction: float) -> Plan:
+        counts = magnitude_counts(self.layers, fraction)
+        targets: list[Tensor | None] = []
+        grow = []
         last = len(self.layers) - 1
         for i, (layer, n) in enumerate(zip(self.layers, counts)):
             active = group_counts(layer.mask, self.structures[i])
             ablate = i != last and self.gamma_sal > 0
-            targets = self._ablate(layer, n, self.budgets[i]) if ablate else active
+            target = self._ablate(layer, n, self.budgets[i]) if ablate else active
             size = layer.mask[0].numel()
-            low = (active - targets).clamp(min=0)
-            high = active - (targets - (size - active)).clamp(min=0)
+            low = (active - target).clamp(min=0)
+            high = active - (target - (size - active)).clamp(min=0)
             counts[i] = min(max(n, int(low.sum())), int(high.sum()))
-            self._targets.append(targets)
-            self._grow.append(int(targets.sum()) - layer.active + counts[i])
-        return counts
+            targets.append(target)
+            grow.append(int(target.sum()) - layer.active + counts[i])
+        return Plan(counts, grow, targets)
 
     def _ablate(self, layer: SparseLayer, n: int, budget: int) -> Tensor:
         """Per-unit target fan-in after neuron ablation: ``k'`` or 0."""
         units, fan_in = layer.mask.shape[0], layer.mask[0].numel()
         salient = torch.zeros(layer.numel, dtype=torch.bool, device=layer.mask.device)
         keep = layer.active - n
-        magnitude = fsdp.full(layer.weight.detach()).abs()  # whole under FSDP2
+        magnitude = full(layer.weight.detach()).abs()  # whole under FSDP2
         salient[magnitude.flatten().topk(keep, sorted=False).indices] = True
         grad = layer.parametrization.dense_grad.abs().flatten()
         salient[grad.topk(n, sorted=False).indices] = True
@@ -111,35 +112,6 @@ class SRigL(RigL):
             survive[order[:fewest]] = True
         k = budget // int(survive.sum())
         return torch.where(survive, k, 0)
-
-    def group_targets(self, index: int, layer: SparseLayer) -> Tensor | None:
-        return self._targets[index]
-
-    def grow_counts(self, pruned: Sequence[int], capacity: Sequence[int]) -> list[int]:
-        return list(self._grow)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "budgets": list(self.budgets)}
-
-    def _check_state(self, state: Any) -> None:
-        super()._check_state(state)
-        budgets = state.get("budgets")
-        if not (
-            isinstance(budgets, list)
-            and len(budgets) == len(self.layers)
-            and all(
-                isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= layer.numel
-                for b, layer in zip(budgets, self.layers)
-            )
-        ):
-            raise ValueError(
-                f"SRigL.load_state_dict: budgets must be one int in [1, numel] per layer "
-                f"({len(self.layers)} layers), got {budgets!r}"
-            )
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)  # checks the whole state, budgets included
-        self.budgets = [int(b) for b in state["budgets"]]
 
     def ablated(self) -> dict[str, int]:
         """Number of ablated units (no active input) of each layer."""

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..scheduler import SparseScheduler
+from ..scheduler import Plan, SparseScheduler
 
 
 class Static(SparseScheduler):
@@ -31,16 +31,8 @@ class Static(SparseScheduler):
     ) -> None:
         super().__init__(model, optimizer, total_steps=total_steps, **kwargs)
 
-    def is_update_step(self, step: int) -> bool:
-        return False
-
-    def prune_counts(self, fraction: float) -> list[int]:
+    def plan(self, fraction: float) -> Plan:
         # An explicit update() drops nothing by Static's rule, whatever drop_fraction
         # says (only non-finite weights, which every algorithm drops).
-        return [0] * len(self.layers)
-
-    def __repr__(self) -> str:
-        return (
-            f"Static(layers={len(self.layers)}, step={self.step_count}, "
-            f"{self._model_summary()}, attached={self._hook is not None})"
-        )
+        none = [0] * len(self.layers)
+        return Plan(prune=none, grow=list(none))

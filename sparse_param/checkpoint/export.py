@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..attachment import attached_scheduler
 from ..kernels import remove_sparse_compute
 from ..layers import sparse_layers, unwrap
+from ..scheduler import attached_scheduler
 from ..standardized import is_standardized
 from .keys import EVER, MASK, ORIGINAL, STRUCTURE, layer_prefix
 

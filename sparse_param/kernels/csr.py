@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..gradients import accumulates
 from ..layers import is_sparse, sparse_layers
-from ..mask import SparseMask, accumulates
+from ..mask import SparseMask
 from .linear import linear_classes
 
 COMPUTE_MODES = ("dense", "sparse", "auto")
@@ -181,7 +182,7 @@ class _CsrLinear(torch.autograd.Function):
             grad_w = torch.zeros(ctx.shape, dtype=ctx.dtypes[0], device=x.device)
             grad_w.view(-1).index_copy_(0, s.index, sampled.values().to(ctx.dtypes[0]))
             if accumulates(ctx, 1):  # zero where inactive already: no masking pass
-                ctx.owner.expect_exact_grad(ctx.weight)
+                ctx.owner.gradient.expect_exact(ctx.weight)
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum(0).to(ctx.dtypes[1])
         return grad_x, grad_w, grad_b, None, None

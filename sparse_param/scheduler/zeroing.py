@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .layers import SparseLayer
+from ..layers import SparseLayer
 
 # Optimizer classes (exactly these, not subclasses: a subclass may change the update)
 # whose step leaves an exactly-zero weight with zero gradient and zero state at zero,
@@ -88,7 +88,7 @@ class InactiveZeroing:
                 group is not None
                 and step_keeps_zeros(optimizer, group)
                 and p.is_clean(layer.weight)
-                and p.grad_is_clean(layer.weight)
+                and p.gradient.is_clean(layer.weight)
                 and self._state_is_clean(i, layer)
             )
         self._exact = exact
@@ -116,7 +116,7 @@ class InactiveZeroing:
         exact, self._exact = self._exact, None
         for i, layer in enumerate(self.layers):
             p = layer.parametrization
-            if exact is not None and exact[i] and p.grad_is_clean(layer.weight):
+            if exact is not None and exact[i] and p.gradient.is_clean(layer.weight):
                 p.mark_clean(layer.weight)
             else:
                 p.zero_inactive_(layer.weight)

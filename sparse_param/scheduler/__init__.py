@@ -1,0 +1,28 @@
+"""The scheduler: one engine that updates every sparse layer's topology, and its plumbing.
+
+:class:`SparseScheduler` (``engine``) decides when to update and carries out the
+:class:`Plan` an algorithm returns; around it, one module per concern: the schedule's
+numbers (``schedule``), exact selection (``selection``), installing masks
+(``topology``), optimizer hooks (``hooks``), zeroing after steps (``zeroing``),
+dense-gradient capture (``capture``), checkpoint state (``state``), records and logs
+(``records``), argument checks (``checks``) and the one-scheduler-per-optimizer
+registry (``registry``, ``attachment``).
+"""
+
+from .attachment import attached_scheduler
+from .engine import SparseScheduler
+from .plan import Plan, inactive_counts, magnitude_counts, redistribute
+from .state import Field, LayerCounts, LayerTensors, PositiveReal
+
+__all__ = [
+    "Field",
+    "LayerCounts",
+    "LayerTensors",
+    "Plan",
+    "PositiveReal",
+    "SparseScheduler",
+    "attached_scheduler",
+    "inactive_counts",
+    "magnitude_counts",
+    "redistribute",
+]

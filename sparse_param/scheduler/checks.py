@@ -1,0 +1,101 @@
+"""Checks a scheduler makes of what it is given: at creation, and at its first step."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..layers import SparseLayer, sparse_layers
+from ..warn import warn
+from . import registry
+from .schedule import Schedule
+
+FEW_UPDATES = 5  # a schedule with fewer topology updates than this gets a warning
+
+
+def sparse_layers_of(owner: str, model: nn.Module) -> list[SparseLayer]:
+    """The model's sparse layers; raises if it has none."""
+    layers = list(sparse_layers(model))
+    if not layers:
+        raise ValueError(
+            f"{owner}: the model has no sparse layers; call sparse_param.sparsify(model) "
+            f"before creating the scheduler"
+        )
+    return layers
+
+
+def check_optimizer(
+    owner: str, model: nn.Module, optimizer: torch.optim.Optimizer, layers: Sequence[SparseLayer]
+) -> None:
+    """Raise unless ``optimizer`` holds every sparse weight and neither it nor the model
+    has a scheduler attached already."""
+    missing = not_held(optimizer, layers)
+    if missing:
+        raise ValueError(
+            f"{owner}: the optimizer does not hold the weights of sparse layers {missing}: "
+            f"build it from model.parameters() (after or before sparsify, both work)"
+        )
+    for what, keys in (("optimizer", [optimizer]), ("model", [x.parametrization for x in layers])):
+        first = registry.lookup(keys)
+        if first is not None:
+            raise RuntimeError(
+                f"{owner}: {first!r} is already attached to this {what}; two schedulers "
+                f"would both change the topology and share the checkpoint entry. Call "
+                f"remove() on the first (sparse_param.attached_scheduler({what})"
+                f".remove()) before creating another"
+            )
+
+
+def not_held(optimizer: torch.optim.Optimizer, layers: Sequence[SparseLayer]) -> str:
+    """The names of the sparse layers whose stored weight the optimizer does not hold
+    (at most five listed); empty if it holds them all."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [layer.name for layer in layers if id(layer.weight) not in held]
+    return f"{missing[:5]}{' …' if len(missing) > 5 else ''}" if missing else ""
+
+
+def check_still_held(
+    owner: str, optimizer: torch.optim.Optimizer, layers: Sequence[SparseLayer]
+) -> None:
+    """At the first step: a wrapper that replaced the parameters after the scheduler was
+    created leaves the optimizer stepping the old ones and the model untrained."""
+    missing = not_held(optimizer, layers)
+    if missing:
+        raise RuntimeError(
+            f"{owner}: the optimizer no longer holds the weights of sparse layers {missing}: "
+            f"they were replaced after the optimizer was built (by fully_shard, for one). "
+            f"Build the optimizer and the scheduler after: sparsify(model) → "
+            f"fully_shard(...) → optimizer → scheduler"
+        )
+
+
+def warn_if_few_updates(owner: str, schedule: Schedule, updates: int) -> None:
+    """Warn when ``updates`` (the run's topology updates, counted up to
+    :data:`FEW_UPDATES`) are fewer than :data:`FEW_UPDATES`."""
+    if updates >= FEW_UPDATES:
+        return
+    what = "never changes" if updates == 0 else f"changes only {updates} time{'s' * (updates > 1)}"
+    warn(
+        f"{owner}: the topology {what} in this run: updates every update_interval="
+        f"{schedule.update_interval} steps in ({schedule.start_step}, {schedule.stop_step}] "
+        f"(start={schedule.start}, stop={schedule.stop} of total_steps="
+        f"{schedule.total_steps}). Lower update_interval or check total_steps"
+    )
+
+
+def warn_if_optimizer_has_state(owner: str, optimizer: torch.optim.Optimizer) -> None:
+    """Warn at creation when ``optimizer`` already holds state: a resumed run whose
+    scheduler would start its schedule at step 0."""
+    if any(bool(state) for state in optimizer.state.values()):
+        warnings.warn(
+            f"{owner}: the optimizer already holds state (it has taken steps or was loaded "
+            f"from a checkpoint); this scheduler starts its schedule at step 0. If you are "
+            f"resuming, create the scheduler before optimizer.load_state_dict(...), or "
+            f"restore it with scheduler.load_state_dict(checkpoint_of_the_optimizer"
+            f"['sparse_param'])",
+            UserWarning,
+            stacklevel=3,
+        )
