@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import sparse_param  # noqa: F401  registers set_mlp_cifar and lenet_300_100 with timm
+import sparse_param.models  # noqa: F401  registers set_mlp_cifar and lenet_300_100 with timm
 from sparse_param import SET, sparsify
 from sparse_param.kernels import compute_modes
 

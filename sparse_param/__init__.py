@@ -1,8 +1,26 @@
-"""sparse_param: sparse-from-scratch training for any PyTorch model."""
+"""sparse_param: sparse-from-scratch training for any PyTorch model.
 
-from . import kernels, models, plots  # models: registers the papers' architectures with timm
-from .algorithms import ALGORITHMS, DSR, GMP, SET, SNFS, GraNet, RigL, SRigL, Static
-from .allocation import allocate, apportion
+The names below are the library's public API. Advanced pieces live in their submodules
+and are imported from there: ``sparse_param.kernels`` (sparse kernels and formats),
+``sparse_param.checkpoint`` (keys, checks, loading, DCP state), ``sparse_param.models``
+(the papers' architectures, registered with timm when that module is imported),
+``sparse_param.plots``. Importing ``sparse_param`` imports neither timm, torchvision nor
+matplotlib.
+"""
+
+from .algorithms import (
+    ALGORITHMS,
+    DSR,
+    GMP,
+    SET,
+    SNFS,
+    GraNet,
+    RigL,
+    SRigL,
+    Static,
+    create_scheduler,
+)
+from .allocation import allocate
 from .capacity import SameCapacity, capacity, same_capacity_dense
 from .checkpoint import (
     dense_state_dict,
@@ -31,47 +49,49 @@ from .scheduler import SparseScheduler, attached_scheduler
 from .sparsify import sparsify
 
 __all__ = [
-    "ALGORITHMS",
-    "GradientFlow",
-    "SameCapacity",
+    # make a model sparse
+    "sparsify",
+    "materialize",
+    "rescale_to_active_fan_in",
+    "allocate",
+    # train it: the algorithms, by class or by name
+    "SparseScheduler",
+    "Static",
+    "SET",
+    "RigL",
+    "SRigL",
+    "SNFS",
     "DSR",
     "GMP",
     "GraNet",
-    "RigL",
-    "SET",
-    "SNFS",
-    "SRigL",
-    "SparseScheduler",
-    "Static",
-    "SparseLayer",
-    "SparseLinear",
-    "SparseMask",
-    "allocate",
-    "apportion",
+    "ALGORITHMS",
+    "create_scheduler",
     "attached_scheduler",
-    "capacity",
-    "dense_training_flops",
-    "dense_state_dict",
+    # read it
     "density",
-    "effective_density",
-    "effective_gradient_flow",
-    "finalize",
-    "gradient_flow",
-    "is_sparse_state_dict",
     "itop_rate",
-    "kernels",
     "layer_table",
-    "materialize",
-    "models",
-    "plots",
-    "load_state_dict",
-    "rescale_to_active_fan_in",
-    "same_capacity_dense",
-    "save_safetensors",
-    "sparse_layers",
-    "sparsify",
     "summary",
-    "to_sparse",
+    "gradient_flow",
+    "effective_gradient_flow",
+    "effective_density",
+    "GradientFlow",
     "training_flops",
+    "dense_training_flops",
     "weight_uses",
+    "capacity",
+    "same_capacity_dense",
+    "SameCapacity",
+    # finish and export it
+    "finalize",
+    "dense_state_dict",
+    "load_state_dict",
+    "is_sparse_state_dict",
+    "save_safetensors",
+    "to_sparse",
+    "SparseLinear",
+    # its sparse layers
+    "sparse_layers",
+    "SparseLayer",
+    "SparseMask",
 ]

@@ -10,27 +10,25 @@ is off.
 
 from __future__ import annotations
 
+import sys
 import types
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:
-    from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
-    from timm.layers.padding import pad_same
+_STANDARDIZED_NAMES = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
 
-    STANDARDIZED_CONVS: tuple[type[nn.Module], ...] = (
-        StdConv2d,
-        StdConv2dSame,
-        ScaledStdConv2d,
-        ScaledStdConv2dSame,
-    )
-except ImportError:  # timm is optional for the core
-    STANDARDIZED_CONVS = ()
+
+def standardized_convs() -> tuple[type[nn.Module], ...]:
+    """timm's standardized convolution classes, looked up only once timm is imported
+    (importing sparse_param never imports timm; without it no model holds one)."""
+    timm_layers = sys.modules.get("timm.layers")
+    found = (getattr(timm_layers, name, None) for name in _STANDARDIZED_NAMES)
+    return tuple(cls for cls in found if cls is not None)
 
 
 def is_standardized(module: nn.Module) -> bool:
-    return isinstance(module, STANDARDIZED_CONVS)
+    return isinstance(module, standardized_convs())
 
 
 def standardized_weight(module: nn.Module) -> Tensor:
@@ -51,6 +49,8 @@ def standardized_weight(module: nn.Module) -> Tensor:
 
 def _sparse_standardized_forward(self: nn.Module, x: Tensor) -> Tensor:
     if getattr(self, "same_pad", False):
+        from timm.layers.padding import pad_same  # loaded: self is one of timm's convs
+
         x = pad_same(x, self.kernel_size, self.stride, self.dilation)
     weight = standardized_weight(self)
     return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
