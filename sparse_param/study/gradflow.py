@@ -23,18 +23,8 @@ from tqdm import tqdm
 
 from ..capacity import same_capacity_dense
 from ..sparsify import sparsify
-from .common import (
-    Run,
-    TrainConfig,
-    against_noise,
-    kendall_tau,
-    load_data,
-    mean_std,
-    mlp,
-    std,
-    steps_per_run,
-    train,
-)
+from .common import against_noise, kendall_tau, load_data, mean_std, mlp, std
+from .loop import Run, TrainConfig, steps_per_run, train
 
 
 @dataclass(frozen=True)
@@ -77,12 +67,7 @@ def run(out: Path, size: GradflowSize, seeds: tuple[int, ...] | None = None) -> 
     size = replace(size, seeds=tuple(seeds)) if seeds else size
     data = load_data(size.pool, size.limit)
     base = TrainConfig(epochs=size.epochs, egf_every=size.egf_every)
-    keys: list[Key] = [
-        (net, opt, act, bn)
-        for net, opt, act, bn in itertools.product(
-            NETWORKS, size.optimizers, size.activations, (False, True)
-        )
-    ]
+    keys = _keys(size)
     results: dict[Key, list[Run]] = {}
     widths: dict[bool, int] = {}
     with tqdm(
@@ -111,6 +96,15 @@ def run(out: Path, size: GradflowSize, seeds: tuple[int, ...] | None = None) -> 
     path = out / "results.md"
     path.write_text(_report(results, widths, size, data))
     return path
+
+
+def _keys(size: GradflowSize) -> list[Key]:
+    """Every configuration: network × optimizer × activation × BatchNorm off / on."""
+    return list(itertools.product(NETWORKS, size.optimizers, size.activations, (False, True)))
+
+
+def runs_per_seed(size: GradflowSize) -> int:
+    return len(_keys(size))
 
 
 def _mean_egf(run: Run) -> float:
@@ -152,6 +146,13 @@ def _report(results: dict, widths: dict, size: GradflowSize, data) -> str:
             f"{statistics.mean(map(_mean_norm, runs)):.3f} |"
         )
     lines += ["", "## Claims", ""]
+    lines += _claims(results, size)
+    lines += ["", "Plots: `gradflow_egf_curves.png`, `gradflow_correlation.png`."]
+    return "\n".join(lines) + "\n"
+
+
+def _claims(results: dict, size: GradflowSize) -> list[str]:
+    lines = []
     # 1. BatchNorm gain, sparse vs dense
     gains = {
         net: statistics.mean(
@@ -209,8 +210,7 @@ def _report(results: dict, widths: dict, size: GradflowSize, data) -> str:
             f"{tau_egf:+.2f} for EGF vs {tau_norm:+.2f} for ‖g‖₂ over {len(runs)} runs "
             f"(compared by |τ|)."
         )
-    lines += ["", "Plots: `gradflow_egf_curves.png`, `gradflow_correlation.png`."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _verdict(claim: bool, *taus: float) -> str:

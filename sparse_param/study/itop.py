@@ -18,18 +18,8 @@ import torch
 from tqdm import tqdm
 
 from ..sparsify import sparsify
-from .common import (
-    Run,
-    TrainConfig,
-    against_noise,
-    kendall_tau,
-    load_data,
-    mean_std,
-    mlp,
-    std,
-    steps_per_run,
-    train,
-)
+from .common import against_noise, kendall_tau, load_data, mean_std, mlp, std
+from .loop import Run, TrainConfig, steps_per_run, train
 
 
 @dataclass(frozen=True)
@@ -74,8 +64,7 @@ def run(out: Path, size: ItopSize, seeds: tuple[int, ...] | None = None) -> Path
     size = replace(size, seeds=tuple(seeds)) if seeds else size
     data = load_data(size.pool, size.limit)
     base = TrainConfig(epochs=size.epochs)
-    cells = [(m, dt, z) for m in size.methods for dt in size.intervals for z in size.drop_fractions]
-    jobs = [("dense", 0, 0.0), ("static", 0, 0.0), *cells]
+    jobs = _jobs(size)
     results: dict[tuple[str, int, float], list[Run]] = {}
     steps = steps_per_run(data, base) * len(jobs) * len(size.seeds)
     with tqdm(total=steps, desc="itop", unit="step") as bar:
@@ -97,6 +86,16 @@ def run(out: Path, size: ItopSize, seeds: tuple[int, ...] | None = None) -> Path
     path = out / "results.md"
     path.write_text(_report(results, size, data))
     return path
+
+
+def _jobs(size: ItopSize) -> list[tuple[str, int, float]]:
+    """(method, ΔT, drop fraction) of every run of one seed: the references, then the grid."""
+    grid = [(m, dt, z) for m in size.methods for dt in size.intervals for z in size.drop_fractions]
+    return [("dense", 0, 0.0), ("static", 0, 0.0), *grid]
+
+
+def runs_per_seed(size: ItopSize) -> int:
+    return len(_jobs(size))
 
 
 def _mean(runs: list[Run], key: str) -> float:

@@ -17,17 +17,8 @@ from tqdm import tqdm
 
 from ..capacity import same_capacity_dense
 from ..sparsify import sparsify
-from .common import (
-    Run,
-    TrainConfig,
-    against_noise,
-    load_data,
-    mean_std,
-    mlp,
-    std,
-    steps_per_run,
-    train,
-)
+from .common import against_noise, load_data, mean_std, mlp, std
+from .loop import Run, TrainConfig, steps_per_run, train
 
 
 @dataclass(frozen=True)
@@ -60,7 +51,7 @@ def run(out: Path, size: ScsdcSize, seeds: tuple[int, ...] | None = None) -> Pat
 
     results: dict[tuple[float, str], list[Run]] = {}
     matches: dict[float, tuple[int, int, int]] = {}  # density: dense width, target, count
-    steps = steps_per_run(data, base) * len(size.densities) * len(MODELS) * len(size.seeds)
+    steps = steps_per_run(data, base) * runs_per_seed(size) * len(size.seeds)
     with tqdm(total=steps, desc="scsdc", unit="step") as bar:
         for d in size.densities:
             for seed in size.seeds:
@@ -82,6 +73,10 @@ def run(out: Path, size: ScsdcSize, seeds: tuple[int, ...] | None = None) -> Pat
     path = out / "results.md"
     path.write_text(_report(results, matches, size, data))
     return path
+
+
+def runs_per_seed(size: ScsdcSize) -> int:
+    return len(size.densities) * len(MODELS)
 
 
 def _report(results: dict, matches: dict, size: ScsdcSize, data) -> str:
