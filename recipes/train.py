@@ -43,6 +43,7 @@ import sys
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -87,7 +88,7 @@ from sparse_param.structure import parse_structure
 
 _logger = logging.getLogger("train")
 
-SPARSE_METHODS = ("dense", "static", "set", "rigl", "srigl", "snfs", "dsr", "gmp", "granet")
+SPARSE_METHODS = ("dense", *sparse_param.ALGORITHMS)
 PRUNING_METHODS = ("gmp", "granet")  # start dense (density 1.0), prune to --density
 SPARSE_CHECKPOINT_KEY = "sparse_scheduler"
 LR_SCHEDULER_CHECKPOINT_KEY = "lr_scheduler"
@@ -717,9 +718,8 @@ def build_sparse_scheduler(args, model, optimizer, total_steps):
     method = args.sparse_method
     if method == "dense":
         return None
-    cls = sparse_param.ALGORITHMS[method]
     if method == "static":
-        return cls(model, optimizer)
+        return sparse_param.create_scheduler(method, model, optimizer)
     kwargs = dict(
         total_steps=total_steps,
         update_interval=args.update_interval,
@@ -735,7 +735,7 @@ def build_sparse_scheduler(args, model, optimizer, total_steps):
             kwargs.update(structure=args.sparse_structure)
     if method == "dsr":
         kwargs.update(threshold=args.dsr_threshold, target_pruned=args.dsr_target_pruned)
-    return cls(model, optimizer, **kwargs)
+    return sparse_param.create_scheduler(method, model, optimizer, **kwargs)
 
 
 def sparse_stats(model: nn.Module) -> dict[str, float]:
@@ -922,111 +922,144 @@ def all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
 # ----------------------------------------------------------------- train / validate
 
 
-def train_one_epoch(
-    epoch,
-    model,
-    loader,
-    optimizer,
-    loss_fn,
-    args,
-    *,
-    device,
-    lr_scheduler,
-    amp_autocast,
-    loss_scaler,
-    model_ema,
-    mixup_fn,
-    sparse_scheduler,
-    num_updates,
-    tb_writer,
-    train_log,
-):
+@dataclass
+class Training:
+    """What the epochs use, set up by :func:`main` in timm's order: model → sparsity →
+    loaders → optimizer and schedules → resume → EMA, compile, DDP → outputs."""
+
+    args: argparse.Namespace
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    num_epochs: int
+    sparse_scheduler: Any  # the sparse_param scheduler, None for dense
+    train_log: TrainLog
+    loader_train: Any
+    loader_eval: Any
+    mixup_fn: Any
+    train_loss_fn: Any
+    amp_autocast: Any
+    loss_scaler: Any
+    model_ema: Any = None
+    start_epoch: int = 0
+    num_updates: int = 0
+    output_dir: Path | None = None
+    saver: Any = None
+    tb_writer: Any = None
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return len(self.loader_train)
+
+
+def train_one_epoch(epoch: int, t: Training) -> OrderedDict:
+    """One epoch of optimizer steps; ``t.num_updates`` counts them. Returns the mean loss."""
+    args, loader = t.args, t.loader_train
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if args.prefetcher and getattr(loader, "mixup_enabled", False):
             loader.mixup_enabled = False
-        elif mixup_fn is not None:
-            mixup_fn.mixup_enabled = False
-    model.train()
+        elif t.mixup_fn is not None:
+            t.mixup_fn.mixup_enabled = False
+    t.model.train()
     losses, batch_time = AverageMeter(), AverageMeter()
     last_idx = len(loader) - 1
-    seen_updates = len(sparse_scheduler.history) if sparse_scheduler is not None else 0
+    seen_updates = len(t.sparse_scheduler.history) if t.sparse_scheduler is not None else 0
     end = time.time()
     for batch_idx, (inputs, target) in enumerate(loader):
-        if not args.prefetcher:
-            inputs, target = inputs.to(device), target.to(device)
-            if mixup_fn is not None:
-                inputs, target = mixup_fn(inputs, target)
-        if args.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with amp_autocast():
-            output = model(inputs)
-            loss = loss_fn(output, target)
-        optimizer.zero_grad()
-        if loss_scaler is not None:
-            loss_scaler(
-                loss,
-                optimizer,
-                clip_grad=args.clip_grad,
-                clip_mode=args.clip_mode,
-                parameters=model.parameters(),
-            )
-        else:
-            loss.backward()
-            if args.clip_grad is not None:
-                if args.clip_mode == "value":
-                    torch.nn.utils.clip_grad_value_(model.parameters(), args.clip_grad)
-                else:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
-        num_updates += 1
-        losses.update(loss.item(), inputs.size(0))
-        if model_ema is not None:
-            model_ema.update(model, step=num_updates)
-        if lr_scheduler is not None:
-            lr_scheduler.step_update(num_updates=num_updates, metric=losses.avg)
+        loss, batch_size = train_step(t, inputs, target)
+        t.num_updates += 1
+        losses.update(loss.item(), batch_size)
+        if t.model_ema is not None:
+            t.model_ema.update(t.model, step=t.num_updates)
+        if t.lr_scheduler is not None:
+            t.lr_scheduler.step_update(num_updates=t.num_updates, metric=losses.avg)
         batch_time.update(time.time() - end)
         end = time.time()
-
-        if sparse_scheduler is not None and len(sparse_scheduler.history) > seen_updates:
-            for record in sparse_scheduler.history[seen_updates:]:
-                pruned = sum(record["pruned"].values())
-                grown = sum(record["grown"].values())
-                if is_primary(args):
-                    _logger.info(
-                        f"Topology update at step {record['step']}: drop fraction "
-                        f"{record['drop_fraction']:.4f}, pruned {pruned}, grown {grown}, "
-                        f"density {record['density']:.4f}, R_s {record['itop_rate']:.4f}"
-                    )
-                if tb_writer is not None:
-                    for key in ("drop_fraction", "density", "itop_rate", "egf"):
-                        if record.get(key) is not None:
-                            tb_writer.add_scalar(
-                                f"sparse_update/{key}", record[key], record["step"]
-                            )
-            seen_updates = len(sparse_scheduler.history)
-
-        log_point = batch_idx % args.log_interval == 0 or batch_idx == last_idx
-        if log_point:
-            train_log.measure(model)
-        if is_primary(args) and log_point:
-            lr = optimizer.param_groups[0]["lr"]
-            stats = sparse_stats(model)
-            _logger.info(
-                f"Train: {epoch} [{batch_idx:>4d}/{last_idx + 1} "
-                f"({100.0 * (batch_idx + 1) / (last_idx + 1):>3.0f}%)]  "
-                f"Loss: {losses.val:#.4g} ({losses.avg:#.4g})  "
-                f"Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s)  LR: {lr:.3e}  "
-                f"Density: {stats['density']:.4f}  R_s: {stats['itop_rate']:.4f}  "
-                f"EGF: {train_log.egf:.3e}"
-            )
-            if tb_writer is not None:
-                tb_writer.add_scalar("train/loss", losses.val, num_updates)
-                tb_writer.add_scalar("train/lr", lr, num_updates)
-                tb_writer.add_scalar("train/egf", train_log.egf, num_updates)
+        seen_updates = log_topology_updates(t, seen_updates)
+        if batch_idx % args.log_interval == 0 or batch_idx == last_idx:
+            t.train_log.measure(t.model)
+            if is_primary(args):
+                log_progress(t, epoch, (batch_idx, last_idx + 1), losses, batch_time)
     loss_avg = losses.avg
     if args.distributed:
-        loss_avg = float(all_reduce_mean(torch.tensor(loss_avg, device=device), args.world_size))
-    return OrderedDict(loss=loss_avg), num_updates
+        loss_avg = float(all_reduce_mean(torch.tensor(loss_avg, device=t.device), args.world_size))
+    return OrderedDict(loss=loss_avg)
+
+
+def train_step(t: Training, inputs: torch.Tensor, target: torch.Tensor) -> tuple[Any, int]:
+    """Forward, backward and one optimizer step on a batch; the loss and the batch size."""
+    args = t.args
+    if not args.prefetcher:
+        inputs, target = inputs.to(t.device), target.to(t.device)
+        if t.mixup_fn is not None:
+            inputs, target = t.mixup_fn(inputs, target)
+    if args.channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    with t.amp_autocast():
+        output = t.model(inputs)
+        loss = t.train_loss_fn(output, target)
+    t.optimizer.zero_grad()
+    if t.loss_scaler is not None:
+        t.loss_scaler(
+            loss,
+            t.optimizer,
+            clip_grad=args.clip_grad,
+            clip_mode=args.clip_mode,
+            parameters=t.model.parameters(),
+        )
+    else:
+        loss.backward()
+        if args.clip_grad is not None:
+            if args.clip_mode == "value":
+                torch.nn.utils.clip_grad_value_(t.model.parameters(), args.clip_grad)
+            else:
+                torch.nn.utils.clip_grad_norm_(t.model.parameters(), args.clip_grad)
+        t.optimizer.step()
+    return loss, inputs.size(0)
+
+
+def log_topology_updates(t: Training, seen_updates: int) -> int:
+    """Log the sparse scheduler's updates after the first ``seen_updates``; their count."""
+    scheduler = t.sparse_scheduler
+    if scheduler is None or len(scheduler.history) <= seen_updates:
+        return seen_updates
+    for record in scheduler.history[seen_updates:]:
+        pruned = sum(record["pruned"].values())
+        grown = sum(record["grown"].values())
+        if is_primary(t.args):
+            _logger.info(
+                f"Topology update at step {record['step']}: drop fraction "
+                f"{record['drop_fraction']:.4f}, pruned {pruned}, grown {grown}, "
+                f"density {record['density']:.4f}, R_s {record['itop_rate']:.4f}"
+            )
+        if t.tb_writer is not None:
+            for key in ("drop_fraction", "density", "itop_rate", "egf"):
+                if record.get(key) is not None:
+                    t.tb_writer.add_scalar(f"sparse_update/{key}", record[key], record["step"])
+    return len(scheduler.history)
+
+
+def log_progress(
+    t: Training, epoch: int, batch: tuple[int, int], losses: AverageMeter, batch_time: AverageMeter
+) -> None:
+    """The log line of a log point (``batch``: index and batches per epoch), and its
+    TensorBoard scalars."""
+    batch_idx, batches = batch
+    lr = t.optimizer.param_groups[0]["lr"]
+    stats = sparse_stats(t.model)
+    _logger.info(
+        f"Train: {epoch} [{batch_idx:>4d}/{batches} "
+        f"({100.0 * (batch_idx + 1) / batches:>3.0f}%)]  "
+        f"Loss: {losses.val:#.4g} ({losses.avg:#.4g})  "
+        f"Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s)  LR: {lr:.3e}  "
+        f"Density: {stats['density']:.4f}  R_s: {stats['itop_rate']:.4f}  "
+        f"EGF: {t.train_log.egf:.3e}"
+    )
+    if t.tb_writer is not None:
+        t.tb_writer.add_scalar("train/loss", losses.val, t.num_updates)
+        t.tb_writer.add_scalar("train/lr", lr, t.num_updates)
+        t.tb_writer.add_scalar("train/egf", t.train_log.egf, t.num_updates)
 
 
 @torch.no_grad()
@@ -1069,14 +1102,36 @@ def validate(model, loader, args, *, device, amp_autocast, log_suffix=""):
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     args, args_text = parse_args(argv)
+    device = setup_run(args)
+    # the model, then sparsify (before the optimizer, the EMA and any wrapper)
+    model = setup_model(args)
+    data_config = resolve_data(args, model)
+    sparse = setup_sparsity(args, model)
+    model = place_model(args, model, device)
+    t = setup_training(args, model, data_config, device)
+    checkpoint = resume(t)
+    t.model_ema = setup_ema(args, t.model, checkpoint)
+    del checkpoint  # its tensors are not kept through training
+    t.model = wrap_model(args, t.model, device)
+    setup_outputs(t, args_text)
+    eval_metrics, best = train_epochs(t)
+    return finish(t, sparse, eval_metrics, best)
+
+
+def setup_run(args: argparse.Namespace) -> torch.device:
+    """Device and process group, logging on rank 0 only, the seed; checks the data dir."""
     device = setup_device(args)
     if not is_primary(args):
         _logger.setLevel(logging.WARNING)
     args.prefetcher = not args.no_prefetcher
     seed_everything(args.seed + args.rank)
     check_dataset(args)
+    return device
 
-    # -- model, then sparsify (before the optimizer, the EMA and any wrapper)
+
+def setup_model(args: argparse.Namespace) -> nn.Module:
+    """timm's ``create_model`` from the flags; fills in ``--num-classes`` and
+    ``--in-chans`` from the model when they are not given."""
     model = timm.create_model(
         args.model,
         pretrained=args.pretrained,
@@ -1094,20 +1149,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _logger.info(
         f"Model {args.model} created, param count: {sum(p.numel() for p in model.parameters())}"
     )
-    data_config = resolve_data(args, model)
-    sparse = setup_sparsity(args, model)
+    return model
+
+
+def place_model(args: argparse.Namespace, model: nn.Module, device: torch.device) -> nn.Module:
+    """The (sparsified) model on its device, channels-last and SyncBatchNorm as asked."""
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
+
+def setup_training(
+    args: argparse.Namespace, model: nn.Module, data_config: dict[str, Any], device: torch.device
+) -> Training:
+    """Loaders, optimizer, LR schedule, the sparse scheduler (attached to the optimizer;
+    ``total_steps`` = epochs × updates per epoch), the train log, losses and AMP."""
     loader_train, loader_eval, mixup_fn, mixup_active = build_loaders(
         args, data_config, device, args.num_classes
     )
-    updates_per_epoch = len(loader_train)
+    optimizer, lr_scheduler, num_epochs = setup_optimizer(args, model, len(loader_train))
+    total_steps = num_epochs * len(loader_train)
+    sparse_scheduler = build_sparse_scheduler(args, model, optimizer, total_steps)
+    if sparse_scheduler is not None:
+        _logger.info(f"Sparse scheduler: {sparse_scheduler!r}")
+    train_log = setup_train_log(args, model, sparse_scheduler, data_config, device)
+    amp_autocast, loss_scaler = setup_amp(args, device)
+    if mixup_active:
+        train_loss_fn = soft_target_cross_entropy  # smoothing is in the mixed targets
+    else:
+        train_loss_fn = nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+    return Training(
+        args=args,
+        device=device,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        num_epochs=num_epochs,
+        sparse_scheduler=sparse_scheduler,
+        train_log=train_log,
+        loader_train=loader_train,
+        loader_eval=loader_eval,
+        mixup_fn=mixup_fn,
+        train_loss_fn=train_loss_fn,
+        amp_autocast=amp_autocast,
+        loss_scaler=loss_scaler,
+    )
 
-    # -- optimizer, LR schedule, sparse scheduler (attached to the optimizer)
+
+def setup_optimizer(
+    args: argparse.Namespace, model: nn.Module, updates_per_epoch: int
+) -> tuple[torch.optim.Optimizer, Any, int]:
+    """timm's optimizer and LR scheduler from the flags; the number of epochs it schedules."""
     opt_kwargs: dict[str, Any] = dict(
         opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
     )
@@ -1132,13 +1227,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         step_on_epochs=not args.sched_on_updates,
         updates_per_epoch=updates_per_epoch,
     )
-    total_steps = num_epochs * updates_per_epoch
-    sparse_scheduler = build_sparse_scheduler(args, model, optimizer, total_steps)
-    if sparse_scheduler is not None:
-        _logger.info(f"Sparse scheduler: {sparse_scheduler!r}")
-    train_log = setup_train_log(args, model, sparse_scheduler, data_config, device)
+    return optimizer, lr_scheduler, num_epochs
 
-    # -- mixed precision
+
+def setup_amp(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any]:
+    """The autocast context and the loss scaler (None: no scaling) of ``--amp``."""
     amp_autocast = nullcontext
     loss_scaler = None
     if args.amp:
@@ -1150,19 +1243,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             loss_scaler = NativeScaler(device=device.type)
         scaling = " with loss scaling" if loss_scaler else ""
         _logger.info(f"AMP: autocast to {amp_dtype}{scaling}")
+    return amp_autocast, loss_scaler
 
-    # -- resume
-    start_epoch = 0
+
+def resume(t: Training) -> dict[str, Any] | None:
+    """``--resume``: restore the model, optimizer, AMP scaler, LR scheduler, sparse
+    scheduler and train log, and the epoch to start at (``--start-epoch`` wins); the
+    checkpoint, for the EMA (None without ``--resume``)."""
+    args, sparse_scheduler = t.args, t.sparse_scheduler
     checkpoint = None
     if args.resume:
         checkpoint = load_resume_checkpoint(args.resume)
-        sparse_param.load_state_dict(model, checkpoint["state_dict"])
+        sparse_param.load_state_dict(t.model, checkpoint["state_dict"])
         if not args.no_resume_opt:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
-                loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
+            t.optimizer.load_state_dict(checkpoint["optimizer"])
+            if t.loss_scaler is not None and t.loss_scaler.state_dict_key in checkpoint:
+                t.loss_scaler.load_state_dict(checkpoint[t.loss_scaler.state_dict_key])
             if LR_SCHEDULER_CHECKPOINT_KEY in checkpoint:
-                lr_scheduler.load_state_dict(checkpoint[LR_SCHEDULER_CHECKPOINT_KEY])
+                t.lr_scheduler.load_state_dict(checkpoint[LR_SCHEDULER_CHECKPOINT_KEY])
         if sparse_scheduler is not None:
             if SPARSE_CHECKPOINT_KEY not in checkpoint:
                 raise SystemExit(
@@ -1170,38 +1268,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"('{SPARSE_CHECKPOINT_KEY}'); was it saved by a dense run?"
                 )
             sparse_scheduler.load_state_dict(checkpoint[SPARSE_CHECKPOINT_KEY])
-        start_epoch = checkpoint["epoch"] + (1 if checkpoint.get("version", 1) > 1 else 0)
+        t.start_epoch = checkpoint["epoch"] + (1 if checkpoint.get("version", 1) > 1 else 0)
         resumed_step = (
-            start_epoch * updates_per_epoch
+            t.start_epoch * t.updates_per_epoch
             if sparse_scheduler is None
             else sparse_scheduler.step_count
         )
-        train_log.load_state_dict(checkpoint.get("train_log"), resumed_step)
+        t.train_log.load_state_dict(checkpoint.get("train_log"), resumed_step)
         _logger.info(
             f"Resumed from {args.resume} (epoch {checkpoint['epoch']})"
             + (f", sparse step {sparse_scheduler.step_count}" if sparse_scheduler else "")
         )
     if args.start_epoch is not None:
-        start_epoch = args.start_epoch
-    num_updates = start_epoch * updates_per_epoch
-    if lr_scheduler is not None and start_epoch > 0:
+        t.start_epoch = args.start_epoch
+    t.num_updates = t.start_epoch * t.updates_per_epoch
+    if t.lr_scheduler is not None and t.start_epoch > 0:
         if args.sched_on_updates:
-            lr_scheduler.step_update(num_updates)
+            t.lr_scheduler.step_update(t.num_updates)
         else:
-            lr_scheduler.step(start_epoch)
+            t.lr_scheduler.step(t.start_epoch)
+    return checkpoint
 
-    # -- EMA (a deepcopy: made after sparsify, it tracks the live masks), compile, DDP
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(
-            model,
-            decay=args.model_ema_decay,
-            use_warmup=args.model_ema_warmup,
-            device=torch.device("cpu") if args.model_ema_force_cpu else None,
-        )
-        if checkpoint is not None and "state_dict_ema" in checkpoint:
-            model_ema.module.load_state_dict(checkpoint["state_dict_ema"])
-    checkpoint = None
+
+def setup_ema(
+    args: argparse.Namespace, model: nn.Module, checkpoint: dict[str, Any] | None
+) -> ModelEmaV3 | None:
+    """``--model-ema``: a deepcopy made after sparsify, so it tracks the live masks;
+    restored from a resumed checkpoint's ``state_dict_ema``."""
+    if not args.model_ema:
+        return None
+    model_ema = ModelEmaV3(
+        model,
+        decay=args.model_ema_decay,
+        use_warmup=args.model_ema_warmup,
+        device=torch.device("cpu") if args.model_ema_force_cpu else None,
+    )
+    if checkpoint is not None and "state_dict_ema" in checkpoint:
+        model_ema.module.load_state_dict(checkpoint["state_dict_ema"])
+    return model_ema
+
+
+def wrap_model(args: argparse.Namespace, model: nn.Module, device: torch.device) -> nn.Module:
+    """``torch.compile`` and DistributedDataParallel, as asked."""
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile)
     if args.distributed:
@@ -1215,135 +1323,137 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             device_ids=[device.index] if device.type == "cuda" else None,
             **{sync_key: not args.no_ddp_bb},
         )
+    return model
 
-    # -- losses
-    if mixup_active:
-        train_loss_fn = soft_target_cross_entropy  # smoothing is in the mixed targets
-    else:
-        train_loss_fn = nn.CrossEntropyLoss(label_smoothing=args.smoothing)
 
-    # -- outputs
-    output_dir = saver = tb_writer = None
-    eval_metric = args.eval_metric
-    if is_primary(args):
-        exp_name = args.experiment or "-".join(
-            [
-                datetime.now().strftime("%Y%m%d-%H%M%S"),
-                args.model.replace("/", "_"),
-                args.sparse_method,
-                f"d{args.density:g}",
-            ]
-        )
-        output_dir = Path(args.output or "./output/train") / exp_name
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "args.yaml").write_text(args_text)
-        saver = SparseCheckpointSaver(
-            model=model,
-            optimizer=optimizer,
-            args=args,
-            model_ema=model_ema,
-            amp_scaler=loss_scaler,
-            checkpoint_dir=str(output_dir),
-            recovery_dir=str(output_dir),
-            decreasing=eval_metric == "loss",
-            max_history=args.checkpoint_hist,
-            sparse_scheduler=sparse_scheduler,
-            lr_scheduler=lr_scheduler,
-            train_log=train_log,
-        )
-        if args.resume and hasattr(saver, "load_state_dict_from_checkpoint"):
-            resumed_dir = Path(args.resume).resolve().parent
-            if resumed_dir == output_dir.resolve():
-                saver.load_state_dict_from_checkpoint(args.resume)
-        trim_summary(output_dir / "summary.csv", start_epoch)
-        if args.log_tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                _logger.warning("--log-tensorboard: tensorboard is not installed, skipping")
-            else:
-                tb_writer = SummaryWriter(
-                    log_dir=str(output_dir / "tensorboard"), purge_step=num_updates or None
-                )
-        _logger.info(
-            f"Output: {output_dir}; scheduled epochs: {num_epochs} "
-            f"({updates_per_epoch} updates each)"
-        )
+def setup_outputs(t: Training, args_text: str) -> None:
+    """On rank 0: the output folder with ``args.yaml``, the checkpoint saver, the summary
+    (trimmed to the resumed epoch) and the TensorBoard writer."""
+    args = t.args
+    if not is_primary(args):
+        return
+    exp_name = args.experiment or "-".join(
+        [
+            datetime.now().strftime("%Y%m%d-%H%M%S"),
+            args.model.replace("/", "_"),
+            args.sparse_method,
+            f"d{args.density:g}",
+        ]
+    )
+    output_dir = Path(args.output or "./output/train") / exp_name
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "args.yaml").write_text(args_text)
+    t.output_dir = output_dir
+    t.saver = SparseCheckpointSaver(
+        model=t.model,
+        optimizer=t.optimizer,
+        args=args,
+        model_ema=t.model_ema,
+        amp_scaler=t.loss_scaler,
+        checkpoint_dir=str(output_dir),
+        recovery_dir=str(output_dir),
+        decreasing=args.eval_metric == "loss",
+        max_history=args.checkpoint_hist,
+        sparse_scheduler=t.sparse_scheduler,
+        lr_scheduler=t.lr_scheduler,
+        train_log=t.train_log,
+    )
+    if args.resume and hasattr(t.saver, "load_state_dict_from_checkpoint"):
+        resumed_dir = Path(args.resume).resolve().parent
+        if resumed_dir == output_dir.resolve():
+            t.saver.load_state_dict_from_checkpoint(args.resume)
+    trim_summary(output_dir / "summary.csv", t.start_epoch)
+    if args.log_tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            _logger.warning("--log-tensorboard: tensorboard is not installed, skipping")
+        else:
+            t.tb_writer = SummaryWriter(
+                log_dir=str(output_dir / "tensorboard"), purge_step=t.num_updates or None
+            )
+    _logger.info(
+        f"Output: {output_dir}; scheduled epochs: {t.num_epochs} "
+        f"({t.updates_per_epoch} updates each)"
+    )
 
-    # -- epochs
+
+def train_epochs(t: Training) -> tuple[dict[str, float], tuple[Any, Any]]:
+    """The epochs from ``t.start_epoch``: train, share BatchNorm statistics, evaluate
+    (and the EMA), write the summary row and the checkpoint, step the LR schedule.
+    Returns the last evaluation and the saver's best (metric, epoch)."""
+    args = t.args
     best = (None, None)
     eval_metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, num_epochs):
+    for epoch in range(t.start_epoch, t.num_epochs):
         seed_everything(epoch_seed(args, epoch))
-        if args.distributed and hasattr(loader_train.sampler, "set_epoch"):
-            loader_train.sampler.set_epoch(epoch)
-        train_metrics, num_updates = train_one_epoch(
-            epoch,
-            model,
-            loader_train,
-            optimizer,
-            train_loss_fn,
-            args,
-            device=device,
-            lr_scheduler=lr_scheduler,
-            amp_autocast=amp_autocast,
-            loss_scaler=loss_scaler,
-            model_ema=model_ema,
-            mixup_fn=mixup_fn,
-            sparse_scheduler=sparse_scheduler,
-            num_updates=num_updates,
-            tb_writer=tb_writer,
-            train_log=train_log,
-        )
-        if args.distributed and args.dist_bn in ("broadcast", "reduce"):
-            distribute_bn(model, args.world_size, args.dist_bn == "reduce")
-        eval_metrics = validate(model, loader_eval, args, device=device, amp_autocast=amp_autocast)
-        if model_ema is not None:
-            if args.distributed and args.dist_bn in ("broadcast", "reduce"):
-                distribute_bn(model_ema, args.world_size, args.dist_bn == "reduce")
-            ema_metrics = validate(
-                model_ema,
-                loader_eval,
-                args,
-                device=device,
-                amp_autocast=amp_autocast,
-                log_suffix=" (EMA)",
-            )
-            eval_metrics.update((f"ema_{k}", v) for k, v in ema_metrics.items())
-        stats = train_log.stats(model, num_updates)
-        lr = optimizer.param_groups[0]["lr"]
-        if output_dir is not None:
-            append_summary(
-                output_dir / "summary.csv", epoch, train_metrics, eval_metrics, lr, stats
-            )
-            if tb_writer is not None:
-                for key, value in {
-                    **{f"eval/{k}": v for k, v in eval_metrics.items()},
-                    **{f"sparse/{k}": v for k, v in stats.items()},
-                    "train/epoch_loss": train_metrics["loss"],
-                }.items():
-                    tb_writer.add_scalar(key, value, epoch)
-            best = saver.save_checkpoint(epoch, metric=eval_metrics.get(eval_metric))
-        if lr_scheduler is not None:
-            lr_scheduler.step(epoch + 1, eval_metrics.get(eval_metric))
+        if args.distributed and hasattr(t.loader_train.sampler, "set_epoch"):
+            t.loader_train.sampler.set_epoch(epoch)
+        train_metrics = train_one_epoch(epoch, t)
+        eval_metrics = evaluate(t)
+        stats = t.train_log.stats(t.model, t.num_updates)
+        if t.output_dir is not None:
+            record_epoch(t, epoch, train_metrics, eval_metrics, stats)
+            best = t.saver.save_checkpoint(epoch, metric=eval_metrics.get(args.eval_metric))
+        if t.lr_scheduler is not None:
+            t.lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
         _logger.info(
             f"Epoch {epoch}: train loss {train_metrics['loss']:.4f}, eval top1 "
             f"{eval_metrics['top1']:.2f}, density {stats['density']:.4f}, "
             f"R_s {stats['itop_rate']:.4f}"
         )
+    return eval_metrics, best
 
-    # -- the end: plots and the per-layer table
+
+def evaluate(t: Training) -> dict[str, float]:
+    """Validation metrics of the model and, as ``ema_*``, of its EMA; BatchNorm
+    statistics shared across ranks first (``--dist-bn``)."""
+    args = t.args
+    share_bn = args.distributed and args.dist_bn in ("broadcast", "reduce")
+    if share_bn:
+        distribute_bn(t.model, args.world_size, args.dist_bn == "reduce")
+    kw = dict(device=t.device, amp_autocast=t.amp_autocast)
+    eval_metrics = validate(t.model, t.loader_eval, args, **kw)
+    if t.model_ema is not None:
+        if share_bn:
+            distribute_bn(t.model_ema, args.world_size, args.dist_bn == "reduce")
+        ema_metrics = validate(t.model_ema, t.loader_eval, args, log_suffix=" (EMA)", **kw)
+        eval_metrics.update((f"ema_{k}", v) for k, v in ema_metrics.items())
+    return eval_metrics
+
+
+def record_epoch(
+    t: Training, epoch: int, train_metrics: dict, eval_metrics: dict, stats: dict
+) -> None:
+    """The epoch's row of summary.csv and its TensorBoard scalars."""
+    lr = t.optimizer.param_groups[0]["lr"]
+    append_summary(t.output_dir / "summary.csv", epoch, train_metrics, eval_metrics, lr, stats)
+    if t.tb_writer is not None:
+        for key, value in {
+            **{f"eval/{k}": v for k, v in eval_metrics.items()},
+            **{f"sparse/{k}": v for k, v in stats.items()},
+            "train/epoch_loss": train_metrics["loss"],
+        }.items():
+            t.tb_writer.add_scalar(key, value, epoch)
+
+
+def finish(
+    t: Training, sparse: bool, eval_metrics: dict[str, float], best: tuple[Any, Any]
+) -> dict[str, Any]:
+    """The end: ``sparse_history.json``, the plots, plain weights, the per-layer table;
+    the process group is torn down. Returns what the run reached."""
+    model, output_dir = t.model, t.output_dir
     result = {"output_dir": output_dir, "eval": eval_metrics, "best": best, **sparse_stats(model)}
     if output_dir is not None:
-        if tb_writer is not None:
-            tb_writer.close()
-        if sparse_scheduler is not None:
+        if t.tb_writer is not None:
+            t.tb_writer.close()
+        if t.sparse_scheduler is not None:
             (output_dir / "sparse_history.json").write_text(
-                json.dumps(_to_plain(sparse_scheduler.history), indent=1)
+                json.dumps(_to_plain(t.sparse_scheduler.history), indent=1)
             )
-        if not args.no_plots:
-            make_plots(args, model, output_dir)
-        for path in write_plain_weights(model, model_ema, output_dir):
+        if not t.args.no_plots:
+            make_plots(t.args, model, output_dir)
+        for path in write_plain_weights(model, t.model_ema, output_dir):
             _logger.info(f"Plain weights for timm's validate.py --checkpoint: {path}")
         if sparse:
             print(sparse_param.summary(model))
@@ -1351,7 +1461,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print("dense model: no sparse layers")
         if best[0] is not None:
             _logger.info(f"*** Best metric: {best[0]} (epoch {best[1]})")
-    if args.distributed:
+    if t.args.distributed:
         dist.barrier()
         dist.destroy_process_group()
     return result

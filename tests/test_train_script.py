@@ -36,6 +36,7 @@ MASK, EVER = ".parametrizations.weight.0.mask", ".parametrizations.weight.0.ever
 def _load_train_module():
     spec = importlib.util.spec_from_file_location("sparse_train_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # importlib's recipe: dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
