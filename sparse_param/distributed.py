@@ -11,10 +11,11 @@ layer's whole tensor (a top-k over the layer) it gathers it (:func:`full`).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def world_size() -> int:
@@ -44,20 +45,26 @@ def broadcast_mask_(mask: Tensor) -> Tensor:
 
 
 def is_sharded(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor (FSDP2's sharded parameters, gradients, state)."""
-    return isinstance(tensor, DTensor)
+    """Whether ``tensor`` is a DTensor (FSDP2's sharded parameters, gradients, state).
+
+    Looked up, never imported: importing ``torch.distributed.tensor`` costs about a second,
+    and no tensor can be a DTensor before something else imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def full(tensor: Tensor) -> Tensor:
     """``tensor`` whole: a DTensor is gathered (a collective: every rank must call it)."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
 def local_pair(tensor: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """``tensor``'s local data and the part of the whole ``mask`` (shape of ``tensor``)
     that lines up with it; both as given for a plain tensor. No communication."""
-    if not isinstance(tensor, DTensor):
+    if not is_sharded(tensor):
         return tensor, mask
+    from torch.distributed.tensor import distribute_tensor
+
     # src_data_rank=None: every rank slices its own copy of the replicated mask.
     shard = distribute_tensor(mask, tensor.device_mesh, tensor.placements, src_data_rank=None)
     return tensor.to_local(), shard.to_local()
@@ -73,6 +80,6 @@ def averaged(grad: Tensor) -> Tensor:
     """A captured dense gradient averaged over ranks, whole: a sharded one (already
     averaged by FSDP2's reduce-scatter) is gathered, a plain one is all-reduced in place
     (DDP). Collective: every rank must call it."""
-    if isinstance(grad, DTensor):
+    if is_sharded(grad):
         return grad.full_tensor()
     return average_(grad)
