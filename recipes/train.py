@@ -81,15 +81,15 @@ except ImportError:  # running from a checkout without `pip install -e .`
     import sparse_param
 import sparse_param.models  # noqa: F401  (registers the papers' models with timm)
 from sparse_param import plots
+from sparse_param.algorithms import PRUNING_METHODS  # start dense, prune to --density
 from sparse_param.checkpoint import load_checkpoint_file
 from sparse_param.layers import unwrap
-from sparse_param.scheduler.hooks import OPTIMIZER_STATE_KEY
+from sparse_param.scheduler import OPTIMIZER_STATE_KEY
 from sparse_param.structure import parse_structure
 
 _logger = logging.getLogger("train")
 
 SPARSE_METHODS = ("dense", *sparse_param.ALGORITHMS)
-PRUNING_METHODS = ("gmp", "granet")  # start dense (density 1.0), prune to --density
 SPARSE_CHECKPOINT_KEY = "sparse_scheduler"
 LR_SCHEDULER_CHECKPOINT_KEY = "lr_scheduler"
 _TRAIN_SPLITS = ("train", "training")

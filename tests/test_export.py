@@ -175,9 +175,7 @@ def test_dense_state_dict_loads_into_a_plain_model_with_same_outputs(name, kwarg
         assert torch.equal(plain(x), model(x))
 
 
-def test_load_state_dict_explains_a_sparse_checkpoint_for_a_dense_model(
-    snapshot, assert_untouched
-):
+def test_load_state_dict_explains_a_sparse_checkpoint_for_a_dense_model(snapshot, assert_untouched):
     sparse = sparsify(create("resnet18", {}), 0.1)
     dense = create("resnet18", {}, seed=1)
     snap = snapshot(dense)

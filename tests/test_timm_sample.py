@@ -66,8 +66,11 @@ def _id(arch) -> str:
 def test_timm_model_is_sparse_where_it_computes(check_invariants, zero_off, name, kwargs, size):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
-    shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules()
-              if isinstance(m, TARGET_TYPES) and m.weight.dim() >= 2}
+    shapes = {
+        n: tuple(m.weight.shape)
+        for n, m in model.named_modules()
+        if isinstance(m, TARGET_TYPES) and m.weight.dim() >= 2
+    }
     assert list(find_targets(model)) == list(shapes)
     counts = allocate(shapes, DENSITY, "erk")
 
@@ -125,8 +128,15 @@ def test_standardized_convs_stay_sparse_after_standardization(conv):
         if getattr(module, "same_pad", False):
             padded = pad_same(inp, module.kernel_size, module.stride, module.dilation)
         weight = reference_standardized(module, layer.weight.detach(), layer.mask)
-        expected = F.conv2d(padded, weight, module.bias, module.stride, module.padding,
-                            module.dilation, module.groups)
+        expected = F.conv2d(
+            padded,
+            weight,
+            module.bias,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+        )
         assert torch.allclose(module(inp), expected, atol=1e-5)
     model(x).square().sum().backward()
     for layer in sparse_layers(model):

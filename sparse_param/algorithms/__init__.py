@@ -2,7 +2,7 @@
 
 from .dsr import DSR
 from .gmp import GMP, GraNet
-from .registry import ALGORITHMS, create_scheduler
+from .registry import ALGORITHMS, PRUNING_METHODS, create_scheduler
 from .rigl import RigL
 from .set import SET
 from .snfs import SNFS
@@ -14,6 +14,7 @@ __all__ = [
     "DSR",
     "GMP",
     "GraNet",
+    "PRUNING_METHODS",
     "RigL",
     "SET",
     "SNFS",

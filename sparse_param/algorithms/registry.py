@@ -20,6 +20,8 @@ from .static import Static
 ALGORITHMS: dict[str, type[SparseScheduler]] = {
     cls.__name__.lower(): cls for cls in (Static, SET, RigL, SRigL, SNFS, DSR, GMP, GraNet)
 }
+# Those that prune a denser model down to a final ``density=`` (GMP and its kin).
+PRUNING_METHODS = tuple(name for name, cls in ALGORITHMS.items() if issubclass(cls, GMP))
 
 
 def create_scheduler(

@@ -11,10 +11,12 @@ registry (``registry``, ``attachment``).
 
 from .attachment import attached_scheduler
 from .engine import SparseScheduler
+from .hooks import OPTIMIZER_STATE_KEY
 from .plan import Plan, inactive_counts, magnitude_counts, redistribute
 from .state import Field, LayerCounts, LayerTensors, PositiveReal
 
 __all__ = [
+    "OPTIMIZER_STATE_KEY",
     "Field",
     "LayerCounts",
     "LayerTensors",

@@ -12,13 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..algorithms import create_scheduler
+from ..algorithms import PRUNING_METHODS, create_scheduler
 from ..flops import dense_training_flops, training_flops
 from ..metrics import density, gradient_flow, itop_rate
 from ..scheduler import SparseScheduler
 from .common import Data
-
-PRUNING_METHODS = ("gmp", "granet")  # prune to TrainConfig.density as they train
 
 
 @dataclass
