@@ -1,4 +1,4 @@
-"""Dynamic sparse training algorithms: criteria on the engine of ``scheduler.py``."""
+"""Dynamic sparse training algorithms: criteria on the engine of :mod:`sparse_param.scheduler`."""
 
 from .dsr import DSR
 from .gmp import GMP, GraNet
