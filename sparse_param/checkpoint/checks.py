@@ -87,7 +87,7 @@ def _custom_loading(module: nn.Module) -> bool:
     FrozenBatchNormAct2d drops ``num_batches_tracked``; InstanceNorm checks running
     stats; a user's pre-hook may rename keys), so only torch can tell which of its keys
     are missing or unexpected. BatchNorm's way is known: see :func:`_filled_in`."""
-    hooks = [getattr(h, "hook", h) for h in module._load_state_dict_pre_hooks.values()]
+    hooks = _pre_hooks(module)
     loader = type(module)._load_from_state_dict
     own = loader not in (nn.Module._load_from_state_dict, _NormBase._load_from_state_dict)
     return own or any(hook is not check_before_load for hook in hooks)
@@ -356,10 +356,14 @@ def install(model: nn.Module) -> None:
     (once each), and give each a ``load_state_dict`` that records its ``strict``."""
     modules = [model] + [m for m in model.modules() if _has_sparse_weight(m)]
     for module in dict.fromkeys(modules):
-        hooks = [getattr(h, "hook", h) for h in module._load_state_dict_pre_hooks.values()]
-        if check_before_load not in hooks:
+        if check_before_load not in _pre_hooks(module):
             module.register_load_state_dict_pre_hook(check_before_load)
         module.load_state_dict = _StrictRecorded(module)
+
+
+def _pre_hooks(module: nn.Module) -> list[Any]:
+    """The load pre-hooks of ``module`` as registered (torch wraps some in a partial)."""
+    return [getattr(h, "hook", h) for h in module._load_state_dict_pre_hooks.values()]
 
 
 def _has_sparse_weight(module: nn.Module) -> bool:

@@ -277,7 +277,7 @@ class SparseScheduler:
         if self.needs_dense_grad:
             self._capture.average(type(self).__name__, self.step_count)
         for name, field in self.state_fields.items():
-            if getattr(field, "averaged", False):
+            if field.averaged:
                 for tensor in getattr(self, name):
                     distributed.average_(tensor)
 

@@ -26,6 +26,8 @@ BASE_KEYS = ("algorithm", "layers", "step_count", "num_updates", "generator", "h
 class Field:
     """One declared entry of an algorithm's state, kept as the attribute of its name."""
 
+    averaged = False  # tensors averaged over DDP ranks before every update
+
     def problem(self, name: str, value: Any, owner: Any) -> str | None:
         """What is wrong with the saved ``value`` for ``owner`` (a scheduler), or None."""
         raise NotImplementedError
