@@ -131,6 +131,14 @@ class GradMasking:
         if self.pending is None and self.is_clean(weight):
             self.pending = Pending.EXACT  # never over MASK: a sum with an unmasked one
 
+    def mask_now(self, weight: Tensor) -> None:
+        """Zero ``weight.grad`` where inactive now, whatever was written into it since it
+        was masked (NaN and Inf included), and record it clean."""
+        grad = weight.grad
+        data, mask = local_pair(grad, self.owner.mask)  # a sharded gradient: its shard
+        zero_where_inactive_(data, mask)
+        self._clean = (weakref.ref(grad), grad._version, self.owner.mask._version)
+
     def _after_accumulation(self, weight: Tensor) -> None:
         # weight.grad is the parameter's own tensor here (autograd copied any shared
         # gradient), so it is masked in place. An exact gradient added to a clean

@@ -257,8 +257,9 @@ def arm_and_capture(scheduler: sp.SparseScheduler, model: nn.Module, data) -> No
 
 def record_zeroing_passes(monkeypatch: pytest.MonkeyPatch) -> list[Tensor]:
     """Every tensor the library zeroes where inactive from now on (stored weights by the
-    mask, gradients by the gradient masking), in order."""
+    mask, gradients by the gradient masking, optimizer state before a step), in order."""
     from sparse_param import gradients, mask, zeros
+    from sparse_param.scheduler import zeroing
 
     passes: list[Tensor] = []
 
@@ -266,6 +267,6 @@ def record_zeroing_passes(monkeypatch: pytest.MonkeyPatch) -> list[Tensor]:
         passes.append(tensor)
         return zeros.zero_where_inactive_(tensor, where)
 
-    for module in (mask, gradients):
+    for module in (mask, gradients, zeroing):
         monkeypatch.setattr(module, "zero_where_inactive_", recording)
     return passes
