@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from .distributed import local_pair
@@ -23,32 +24,19 @@ from .zeros import zero_where_inactive_
 
 
 class MaskedGrad(torch.autograd.Function):
-    """Identity in forward; the gradient is exactly zero where the mask is off.
-
-    The stored weight is kept exactly zero where the mask is off, so the forward needs no
-    multiplication (and no allocation): the layer computes with the stored weight
-    itself. Only the gradient has to be masked, so inactive weights never train.
-
-    Where the gradient is bound for ``weight.grad`` (``loss.backward()``), it passes
-    through unchanged and ``masking``'s post-accumulate-grad hook zeroes ``weight.grad``
-    in place: a tensor the parameter owns, so no copy and one vectorized pass. Anywhere
-    else (``torch.autograd.grad``, ``create_graph``) the masked gradient is a new tensor.
-    """
+    """Identity in forward; the gradient is exactly zero where the mask is off, as a new
+    tensor. For a stored weight that is not a leaf (computed from something else): a
+    leaf's gradient is masked by its hooks instead (:class:`GradMasking`)."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, mask: Tensor, masking: GradMasking | None) -> Tensor:  # noqa: D102
+    def forward(ctx, weight: Tensor, mask: Tensor) -> Tensor:  # noqa: D102
         ctx.save_for_backward(mask)
-        ctx.masking = masking  # None: no grad hook on the weight, mask here
         return weight.view_as(weight)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
         (mask,) = ctx.saved_tensors
-        masking = ctx.masking
-        if masking is not None and not torch.is_grad_enabled() and accumulates(ctx):
-            masking.pending = Pending.MASK  # the hook masks weight.grad after accumulation
-            return grad, None, None
-        return torch.where(mask, grad, 0), None, None
+        return torch.where(mask, grad, 0), None
 
 
 class GradThrough(torch.autograd.Function):
@@ -92,23 +80,45 @@ class Pending(enum.Enum):
 class GradMasking:
     """Keeps ``weight.grad`` of the stored weight exactly zero where ``owner.mask`` (the
     :class:`~sparse_param.mask.SparseMask` holding it) is off, and knows when it still
-    is (so the step after it can skip re-zeroing)."""
+    is (so the step after it can skip re-zeroing).
+
+    The forward hands the stored weight itself to the layer (no autograd node, no
+    copy), so the masking lives in two hooks on it. A tensor hook sees each backward
+    pass's whole gradient first: bound for ``weight.grad`` (``loss.backward()``), it
+    passes unchanged and the post-accumulate-grad hook zeroes ``weight.grad`` in place
+    (a tensor the parameter owns: one vectorized pass, no allocation); bound anywhere
+    else (``torch.autograd.grad``, ``create_graph``), the tensor hook hands on a masked
+    copy.
+    """
 
     def __init__(self, owner: nn.Module) -> None:
         self.owner = owner
         self.pending: Pending | None = None
-        self._hooked: weakref.ref[Tensor] | None = None  # weight carrying the hook
+        self.handed_out = False  # the forward gave the stored weight to a dense use
+        self._hooked: weakref.ref[Tensor] | None = None  # weight carrying the hooks
+        self._accumulator: Any = None  # the AccumulateGrad node of the hooked weight
         self._clean: tuple[weakref.ref[Tensor], int, int] | None = None  # grad, versions
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "pending": None, "_hooked": None, "_clean": None}
+        reset = {"pending": None, "handed_out": False, "_hooked": None, "_clean": None}
+        reset["_accumulator"] = None
+        return {**self.__dict__, **reset}
 
     def hook(self, weight: Tensor) -> None:
-        """Register the post-accumulate-grad hook on the stored ``weight`` (a leaf
-        parameter) unless it carries it already."""
+        """Register the tensor hook and the post-accumulate-grad hook on the stored
+        ``weight`` (a leaf parameter) unless it carries them already."""
         if self._hooked is None or self._hooked() is not weight:
+            ref = weakref.ref(weight)  # weakly: the hooks live on the weight itself
+            weight.register_hook(lambda grad: self._before_accumulation(ref(), grad))
             weight.register_post_accumulate_grad_hook(self._after_accumulation)
-            self._hooked = weakref.ref(weight)
+            self._hooked = ref
+
+    def hand_out(self, weight: Tensor) -> Tensor:
+        """The stored ``weight`` (a leaf), hooked, for a computation whose gradient
+        arrives unmasked."""
+        self.hook(weight)
+        self.handed_out = True
+        return weight
 
     def is_clean(self, weight: Tensor) -> bool:
         """Whether ``weight.grad`` is None or is the gradient masked after the last
@@ -139,11 +149,32 @@ class GradMasking:
         zero_where_inactive_(data, mask)
         self._clean = (weakref.ref(grad), grad._version, self.owner.mask._version)
 
+    def _before_accumulation(self, weight: Tensor | None, grad: Tensor) -> Tensor | None:
+        if weight is None or self.owner.catch.armed:
+            return None  # the catch masks what it hands on (or FSDP2's shard hook does)
+        if torch.is_grad_enabled() or not self._will_accumulate(weight):
+            return torch.where(self.owner.mask, grad, 0)  # create_graph, autograd.grad
+        if self.pending is not Pending.EXACT or self.handed_out:
+            self.pending = Pending.MASK  # a sum with an unmasked gradient is unmasked
+        return None
+
+    def _will_accumulate(self, weight: Tensor) -> bool:
+        # Whether the running backward pass accumulates into weight.grad. The node that
+        # does is kept (looking it up costs microseconds); it holds the weight, which
+        # its module holds anyway, and is replaced with the weight.
+        node = self._accumulator
+        if node is None or node.variable is not weight:
+            node = self._accumulator = get_gradient_edge(weight).node
+        try:
+            return torch._C._will_engine_execute_node(node)
+        except RuntimeError:  # asked under torch.autograd.grad, which never accumulates
+            return False
+
     def _after_accumulation(self, weight: Tensor) -> None:
         # weight.grad is the parameter's own tensor here (autograd copied any shared
         # gradient), so it is masked in place. An exact gradient added to a clean
         # weight.grad leaves it clean: record it, no pass.
-        pending, self.pending = self.pending, None
+        pending, self.pending, self.handed_out = self.pending, None, False
         if pending is None or self._hooked is None or self._hooked() is not weight:
             return
         grad = weight.grad

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -25,14 +25,20 @@ class SparseLayer:
 
     name: str
     module: nn.Module
+    # Looked up once: nn.Module attribute lookups cost microseconds, and the hooks of
+    # every step read these for every layer.
+    _parametrizations: nn.Module = field(init=False, repr=False, compare=False)
+    parametrization: SparseMask = field(init=False, repr=False, compare=False)
 
-    @property
-    def parametrization(self) -> SparseMask:
-        return self.module.parametrizations.weight[0]
+    def __post_init__(self) -> None:
+        parametrizations = self.module.parametrizations.weight
+        object.__setattr__(self, "_parametrizations", parametrizations)
+        object.__setattr__(self, "parametrization", parametrizations[0])
 
     @property
     def weight(self) -> nn.Parameter:
-        return self.module.parametrizations.weight.original
+        # Read each time: FSDP2 and load_state_dict(assign=True) replace the Parameter.
+        return self._parametrizations.original
 
     @property
     def mask(self) -> Tensor:

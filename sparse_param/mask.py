@@ -102,9 +102,9 @@ class SparseMask(nn.Module):
                 # The stored weight itself, so in-place edits under no_grad
                 # (head-init scaling, nn.init) reach it instead of a temporary.
                 return weight
-            if weight.is_leaf:
-                self.gradient.hook(weight)
-            out = MaskedGrad.apply(weight, self.mask, self.gradient if weight.is_leaf else None)
+            if not weight.is_leaf:
+                return MaskedGrad.apply(weight, self.mask)
+            out = self.gradient.hand_out(weight)  # its hooks mask the gradient
         return out
 
     def zero_inactive_(self, weight: Tensor) -> None:

@@ -134,7 +134,8 @@ def sparsify(
             dense = module.weight.detach()
             parametrization = SparseMask(mask)
             parametrization.allocated, parametrization.plan = counts[name], plan
-            parametrize.register_parametrization(module, "weight", parametrization)
+            with torch.no_grad():  # its trial forward hands nothing to a backward pass
+                parametrize.register_parametrization(module, "weight", parametrization)
             done.append((module, dense))
             module.parametrizations.weight.register_load_state_dict_post_hook(
                 zero_inactive_after_load
@@ -142,7 +143,9 @@ def sparsify(
             if parsed is not None:
                 record(module.parametrizations.weight[0], parsed)
             module.parametrizations.weight.register_state_dict_pre_hook(zero_inactive_before_save)
-            module.parametrizations.weight[0].catch.hook(module.parametrizations.weight.original)
+            stored = module.parametrizations.weight.original
+            module.parametrizations.weight[0].catch.hook(stored)
+            module.parametrizations.weight[0].gradient.hook(stored)
             if is_standardized(module):
                 install_sparse_forward(module)
     except BaseException:

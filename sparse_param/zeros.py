@@ -28,7 +28,7 @@ def zero_where_inactive_(tensor: Tensor, mask: Tensor) -> Tensor:
     if bits is None:  # no integer of that size (complex128): the slow exact form
         return tensor.masked_fill_(~mask, 0)
     values, factors = tensor.view(bits), mask.view(torch.uint8)
-    if values.is_contiguous() and factors.is_contiguous():
+    if values.numel() > _CHUNK and values.is_contiguous() and factors.is_contiguous():
         # In chunks: the product first widens the uint8 factors to the integer type, a
         # temporary the size of its operand; a chunk's stays in cache and is reused.
         values, factors = values.view(-1), factors.view(-1)

@@ -380,7 +380,8 @@ def test_exact_gradients_need_no_masking_pass(monkeypatch):
         train_step()
         assert passes == []
     train_step(edit=True)
-    assert [t is layers[0].weight for t in passes] == [True]  # only the edited layer
+    # only the edited layer, once: its gradient is masked again before the step
+    assert [t is layers[0].weight.grad for t in passes] == [True]
     for layer in layers:
         assert bool((layer.weight[~layer.mask] == 0).all()), layer.name
         assert bool((layer.weight.grad[~layer.mask] == 0).all()), layer.name
