@@ -31,9 +31,10 @@ def zero_where_inactive_(tensor: Tensor, mask: Tensor) -> Tensor:
     if values.numel() > _CHUNK and values.is_contiguous() and factors.is_contiguous():
         # In chunks: the product first widens the uint8 factors to the integer type, a
         # temporary the size of its operand; a chunk's stays in cache and is reused.
-        values, factors = values.view(-1), factors.view(-1)
-        for start in range(0, values.numel(), _CHUNK):
-            values[start : start + _CHUNK].mul_(factors[start : start + _CHUNK])
+        for chunk, chunk_factors in zip(
+            values.view(-1).split(_CHUNK), factors.view(-1).split(_CHUNK)
+        ):
+            chunk.mul_(chunk_factors)
     else:
         values.mul_(factors)
     return tensor

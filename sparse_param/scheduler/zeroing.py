@@ -112,6 +112,7 @@ class InactiveZeroing:
     @torch.no_grad()
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        keeps_zeros = {id(g): step_keeps_zeros(optimizer, g) for g in optimizer.param_groups}
         exact: list[bool | None] = []
         for i, layer in enumerate(self.layers):
             group = groups.get(id(layer.weight))
@@ -123,10 +124,9 @@ class InactiveZeroing:
                 p.gradient.mask_now(layer.weight)
             if not p.is_clean(layer.weight):  # written since the forward
                 p.zero_inactive_(layer.weight)
-            keeps_zeros = step_keeps_zeros(optimizer, group)
-            if keeps_zeros:
+            if keeps_zeros[id(group)]:
                 self._zero_state(i, layer)
-            exact.append(keeps_zeros)
+            exact.append(keeps_zeros[id(group)])
         self._exact = exact
 
     def _shaped_state(self, layer: SparseLayer) -> list[Tensor]:
