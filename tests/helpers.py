@@ -44,6 +44,11 @@ def torch_threads(n: int = 1) -> Iterator[None]:
 # ------------------------------------------------------------------------------ ranks
 
 
+# A guard against hangs, not a time limit: a correct run on a loaded 2-core machine has
+# taken 4x its quiet time (about 40 s there), so only a deadlock reaches this.
+HANG_GUARD_S = 1200
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface, for a process group's rendezvous."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -61,7 +66,8 @@ def gloo_group(rank: int, world_size: int, port: int) -> Iterator[None]:
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
-        timeout=timedelta(seconds=60),
+        # generous: on a loaded machine a peer can be minutes late to a collective
+        timeout=timedelta(seconds=HANG_GUARD_S),
     )
     try:
         yield
@@ -70,11 +76,14 @@ def gloo_group(rank: int, world_size: int, port: int) -> Iterator[None]:
 
 
 def run_ranks(
-    worker: Callable[..., None], args: tuple, nprocs: int, out_dir: Path, timeout: float, what: str
+    worker: Callable[..., None], args: tuple, nprocs: int, out_dir: Path, what: str
 ) -> list[Any]:
-    """Spawn ``worker(rank, *args)`` in ``nprocs`` processes, wait at most ``timeout``
-    seconds (failing the test with ``what`` named), terminate stragglers (only ours, by
-    handle), and return what each rank saved as ``out_dir / f"rank{r}.pt"``."""
+    """Spawn ``worker(rank, *args)`` in ``nprocs`` processes, wait for them (failing the
+    test with ``what`` named if they have not finished after ``HANG_GUARD_S`` seconds:
+    only a hang gets there, since a rank that raises ends the wait at once), terminate
+    stragglers (only ours, by handle), and return what each rank saved as
+    ``out_dir / f"rank{r}.pt"``."""
+    timeout = HANG_GUARD_S
     context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     try:

@@ -346,7 +346,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow
 def test_ddp_ranks_agree_in_sparse_mode(tmp_path):
     args = (helpers.free_port(), str(tmp_path))
-    ranks = helpers.run_ranks(_ddp_worker, args, 2, tmp_path, 180, "DDP")
+    ranks = helpers.run_ranks(_ddp_worker, args, 2, tmp_path, "DDP")
     for algorithm in ("set", "rigl"):
         for key, value in ranks[0][algorithm].items():
             assert torch.equal(value, ranks[1][algorithm][key]), f"{algorithm}: {key}"

@@ -30,7 +30,6 @@ ALGORITHMS = ["rigl", "set", "snfs"]
 # torch.compile(model) (aot_eager) and then DDP around the compiled module
 CONFIGS = [(a, b, False) for a in ALGORITHMS for b in (True, False)]
 CONFIGS += [(a, True, True) for a in ALGORITHMS]
-TIMEOUT = 240  # seconds for the whole distributed run
 
 
 class LocalAndAveraged:
@@ -108,7 +107,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 def ddp_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("ddp")
     args = (WORLD_SIZE, helpers.free_port(), str(out_dir))
-    return helpers.run_ranks(_worker, args, WORLD_SIZE, out_dir, TIMEOUT, "DDP")
+    return helpers.run_ranks(_worker, args, WORLD_SIZE, out_dir, "DDP")
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))

@@ -16,6 +16,7 @@ import sys
 import pytest
 import timm
 import torch
+from helpers import HANG_GUARD_S
 from timm import utils
 from torch import nn
 
@@ -84,7 +85,7 @@ def test_export_command_runs_as_a_module(trained, tmp_path):
         capture_output=True,
         text=True,
         check=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert f"wrote {out}" in done.stdout
     assert "RuntimeWarning" not in done.stderr

@@ -28,7 +28,6 @@ WORLD_SIZE = 2
 ALGORITHMS = ["static", "set", "rigl", "srigl", "snfs", "dsr", "gmp", "granet"]
 PRUNING = {"gmp", "granet"}
 STEPS, SAVE_AT = 7, 4  # updates at steps 3 and 6
-TIMEOUT = 180
 
 
 def build(algorithm: str, shard: bool):
@@ -230,7 +229,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 def fsdp_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp")
     args = (WORLD_SIZE, helpers.free_port(), str(out_dir))
-    ranks = helpers.run_ranks(_worker, args, WORLD_SIZE, out_dir, TIMEOUT, "FSDP")
+    ranks = helpers.run_ranks(_worker, args, WORLD_SIZE, out_dir, "FSDP")
     return out_dir, ranks
 
 

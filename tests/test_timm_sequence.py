@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import HANG_GUARD_S
 
 import sparse_param as sp
 
@@ -21,7 +22,7 @@ SCRIPT = Path(__file__).with_name("timm_sequence.py")
 
 def _phase(name: str, out: Path, *options: str, runs=("upstream", "reseeded")) -> dict:
     command = [sys.executable, str(SCRIPT), name, str(out), *options]
-    subprocess.run(command, check=True, timeout=600)
+    subprocess.run(command, check=True, timeout=3 * HANG_GUARD_S)
     return {run: torch.load(out / run / f"{name}.pt", weights_only=True) for run in runs}
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from helpers import HANG_GUARD_S
 
 import sparse_param as sp
 from sparse_param import dense_state_dict
@@ -54,7 +55,9 @@ def _summary(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _run(args: list[str], cwd: Path, launcher: list[str] | None = None, timeout: int = 600):
+def _run(
+    args: list[str], cwd: Path, launcher: list[str] | None = None, timeout: int = HANG_GUARD_S
+):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
     cmd = (launcher or [sys.executable]) + [str(SCRIPT), *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
