@@ -96,22 +96,33 @@ class GradMasking:
         self.pending: Pending | None = None
         self.handed_out = False  # the forward gave the stored weight to a dense use
         self._hooked: weakref.ref[Tensor] | None = None  # weight carrying the hooks
+        self._handles: tuple[RemovableHandle, ...] = ()
         self._accumulator: Any = None  # the AccumulateGrad node of the hooked weight
         self._clean: tuple[weakref.ref[Tensor], int, int] | None = None  # grad, versions
 
     def __getstate__(self) -> dict[str, Any]:
         reset = {"pending": None, "handed_out": False, "_hooked": None, "_clean": None}
-        reset["_accumulator"] = None
+        reset.update(_accumulator=None, _handles=())
         return {**self.__dict__, **reset}
 
     def hook(self, weight: Tensor) -> None:
         """Register the tensor hook and the post-accumulate-grad hook on the stored
         ``weight`` (a leaf parameter) unless it carries them already."""
         if self._hooked is None or self._hooked() is not weight:
+            self.unhook()
             ref = weakref.ref(weight)  # weakly: the hooks live on the weight itself
-            weight.register_hook(lambda grad: self._before_accumulation(ref(), grad))
-            weight.register_post_accumulate_grad_hook(self._after_accumulation)
+            self._handles = (
+                weight.register_hook(lambda grad: self._before_accumulation(ref(), grad)),
+                weight.register_post_accumulate_grad_hook(self._after_accumulation),
+            )
             self._hooked = ref
+
+    def unhook(self) -> None:
+        """Remove the hooks from the weight carrying them (``finalize``: the weight
+        trains dense from then on)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._hooked, self._accumulator = (), None, None
 
     def hand_out(self, weight: Tensor) -> Tensor:
         """The stored ``weight`` (a leaf), hooked, for a computation whose gradient
@@ -195,11 +206,13 @@ class DenseGradCatch:
         self.grad: Tensor | None = None
         self.sharded = False  # caught after FSDP2's reduce-scatter (a plain bool: dynamo)
         self._hooked: weakref.ref[Tensor] | None = None  # weight carrying grad_hook
+        self._handle: RemovableHandle | None = None
         self._sharded_hook: RemovableHandle | None = None
         self._reduced: weakref.ref[Tensor] | None = None  # the sharded .grad last seen
 
     def __getstate__(self) -> dict[str, Any]:
         reset = {"_hooked": None, "_sharded_hook": None, "sharded": False, "_reduced": None}
+        reset["_handle"] = None
         return {**self.__dict__, **reset}
 
     def hook(self, weight: Tensor) -> None:
@@ -207,9 +220,17 @@ class DenseGradCatch:
         it carries it already."""
         if self._hooked is not None and self._hooked() is weight:
             return
+        self.unhook()
         ref = weakref.ref(weight)  # weakly: the hook lives on the weight itself
-        weight.register_hook(lambda grad: self.grad_hook(ref(), grad))
+        self._handle = weight.register_hook(lambda grad: self.grad_hook(ref(), grad))
         self._hooked = ref
+
+    def unhook(self) -> None:
+        """Remove the hooks from the weight carrying them (``finalize``)."""
+        if self._handle is not None:
+            self._handle.remove()
+        self.after_reduce_on(None)
+        self._handle = self._hooked = None
 
     def grad_hook(self, weight: Tensor, grad: Tensor) -> Tensor | None:
         """Tensor hook of the stored weight, run before ``grad`` (its whole gradient of one

@@ -61,6 +61,8 @@ def finalize(model: nn.Module) -> nn.Module:
         remove_sparse_compute(module)  # its forward reads the parametrization
         with torch.no_grad():
             layer.weight.mul_(layer.mask)
+        layer.parametrization.gradient.unhook()  # the weight's gradient goes on unmasked
+        layer.parametrization.catch.unhook()
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     return model
 

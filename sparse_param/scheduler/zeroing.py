@@ -151,12 +151,13 @@ class InactiveZeroing:
         """Re-zero every layer the last step may have moved where inactive; mark the
         others clean without a pass."""
         exact, self._exact = self._exact, None
+        if exact is None:  # no pre-hook ran since the last call (nested steps): assume moved
+            exact = [False] * len(self.layers)
         for i, layer in enumerate(self.layers):
-            stepped = True if exact is None else exact[i]  # no pre-hook ran: assume moved
-            if stepped is None:
-                continue
+            if exact[i] is None:
+                continue  # not stepped
             p = layer.parametrization
-            if stepped and p.gradient.is_clean(layer.weight):
+            if exact[i] and p.gradient.is_clean(layer.weight):
                 p.mark_clean(layer.weight)
                 self._state_seen[i] = _StateSeen(layer.mask, self._shaped_state(layer))
             else:
