@@ -9,6 +9,7 @@ rounding so the counts add up exactly.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 from .structure import Structure, check_shape, fan_in_of, parse_structure
@@ -115,10 +116,11 @@ def allocate(
         ``round(density * total)`` exactly (at least one per layer, at most the layer's
         size); with a mapping each layer gets ``round(d * numel)``, at least 1.
     """
+    _check_shapes(shapes)
     parsed = parse_structure(structure)
     if parsed is not None:
         return allocate_structured(shapes, density, distribution, parsed)
-    _check_density(density, "density")
+    density = _check_density(density, "density")
     sizes = {name: math.prod(shape) for name, shape in shapes.items()}
     if not sizes:
         raise ValueError("allocate: no layers to allocate")
@@ -132,11 +134,9 @@ def allocate(
                 f"distribution names layers that are not sparse targets: {unknown}; "
                 f"valid names are {list(shapes)}"
             )
-        for name, d in distribution.items():
-            _check_density(d, f"density of {name!r}")
+        given = {n: _check_density(d, f"density of {n!r}") for n, d in distribution.items()}
         return {
-            name: max(1, round(distribution.get(name, density) * size))
-            for name, size in sizes.items()
+            name: max(1, round(given.get(name, density) * size)) for name, size in sizes.items()
         }
 
     names = list(shapes)
@@ -173,7 +173,7 @@ def allocate_structured(
                 f"structure {structure} fixes every layer's density at N/M = "
                 f"{structure.n / structure.m}; a per-layer distribution mapping cannot apply"
             )
-        _check_density(density, "density")
+        density = _check_density(density, "density")
         if not math.isclose(density, structure.n / structure.m, rel_tol=1e-9):
             raise ValueError(
                 f"structure {structure} gives density N/M = {structure.n}/{structure.m} = "
@@ -189,8 +189,26 @@ def allocate_structured(
     return out
 
 
-def _check_density(value: float, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _check_density(value: float, what: str) -> float:
+    """``value`` as a Python float (numpy scalars accepted) in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a number in (0, 1], got {type(value).__name__}")
     if not 0 < value <= 1:
         raise ValueError(f"{what} must be in (0, 1], got {value}")
+    return float(value)
+
+
+def _check_shapes(shapes: Mapping[str, Sequence[int]]) -> None:
+    for name, shape in shapes.items():
+        if (
+            isinstance(shape, (str, bytes))
+            or not isinstance(shape, Sequence)
+            or not all(
+                isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0
+                for d in shape
+            )
+        ):
+            raise TypeError(
+                f"allocate: the shape of {name!r} must be a sequence of non-negative ints "
+                f"(such as tuple(weight.shape)), got {shape!r}"
+            )

@@ -88,6 +88,12 @@ class SparseMask(nn.Module):
         self.catch.grad = grad
 
     def forward(self, weight: Tensor) -> Tensor:
+        if self.plan is not None and not weight.is_meta:
+            raise RuntimeError(
+                "sparse layer: the mask has not been drawn yet: the model was sparsified on "
+                "the meta device and given storage (to_empty) whose memory is uninitialised; "
+                "call sp.materialize(model) before the first forward"
+            )
         if self.capture_dense_grad and torch.is_grad_enabled() and weight.requires_grad:
             if not self.catch.sharded and not torch.compiler.is_compiling():
                 self.catch.hook(weight)  # a stored weight that sparsify did not hook

@@ -96,12 +96,15 @@ def materialize(model: nn.Module, init_fn: Callable[[nn.Module], None] | None = 
             layer.ever_active.copy_(mask)
             if plan.structure is not None:  # its code buffer was left as garbage too
                 layer.parametrization.structure.copy_(plan.structure.encode())
-    if init_fn is None:
-        for module in model.modules():
-            if callable(getattr(module, "reset_parameters", None)):
-                module.reset_parameters()
-    else:
-        init_fn(model)
+    waiting = [layer.parametrization.plan for layer in layers]
+    for layer in layers:  # the masks are drawn: the layers may run (init reads weights)
+        layer.parametrization.plan = None
+    try:
+        _initialize(model, init_fn)
+    except BaseException:
+        for layer, plan in zip(layers, waiting):  # materialize may be called again
+            layer.parametrization.plan = plan
+        raise
     for layer in layers:
         # masked_fill, not mul: the garbage to_empty left may hold NaN. Sharded by
         # fully_shard: each rank fills its own shard.
@@ -111,6 +114,13 @@ def materialize(model: nn.Module, init_fn: Callable[[nn.Module], None] | None = 
         if plan.sparse_init:
             rescale_to_active_fan_in(model)
             break
-    for layer in layers:
-        layer.parametrization.plan = None
     return model
+
+
+def _initialize(model: nn.Module, init_fn: Callable[[nn.Module], None] | None) -> None:
+    if init_fn is None:
+        for module in model.modules():
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+    else:
+        init_fn(model)

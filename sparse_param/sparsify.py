@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -19,6 +20,7 @@ from .mask import SparseMask, zero_inactive_after_load, zero_inactive_before_sav
 from .meta import MaskPlan
 from .standardized import install_sparse_forward, is_standardized
 from .structure import Structure, parse_structure, record
+from .warn import warn
 
 
 def sparsify(
@@ -87,6 +89,11 @@ def sparsify(
             tied to another module's or computed by a parametrization (``weight_norm``,
             ``spectral_norm``); the model is left exactly as it was.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"sparsify: model must be a torch.nn.Module, got {type(model).__name__}; pass "
+            f"the model itself (not its state_dict or a tensor)"
+        )
     if next(sparse_layers(model), None) is not None:
         raise ValueError(
             "sparsify: the model is already sparse; build a fresh model to sparsify it "
@@ -94,12 +101,17 @@ def sparsify(
         )
     check_compute_mode(compute)
     targets = find_targets(model, layer_types, include, exclude, dense_first, dense_last)
+    frozen = [name for name, module in targets.items() if not module.weight.requires_grad]
+    targets = {name: m for name, m in targets.items() if name not in frozen}
     if not targets:
-        raise ValueError(
-            f"sparsify: no target layers in {type(model).__name__}: no module of types "
-            f"{_type_names(layer_types)} with a weight matched include={include!r} "
-            f"and exclude={exclude!r}"
+        reason = (
+            f"all {len(frozen)} candidate weights are frozen (requires_grad=False); set "
+            f"requires_grad=True on those to make sparse before sparsify"
+            if frozen
+            else f"no module of types {_type_names(layer_types)} with a weight matched "
+            f"include={include!r} and exclude={exclude!r}"
         )
+        raise ValueError(f"sparsify: no target layers in {type(model).__name__}: {reason}")
     if compute != "dense" and not any(map(supports_compute_target, targets.values())):
         raise ValueError(
             f"sparsify: compute={compute!r} needs an nn.Linear target and there is none "
@@ -125,6 +137,23 @@ def sparsify(
         masks = {
             name: torch.zeros(shapes[name], dtype=torch.bool, device="meta") for name in targets
         }
+    _register(targets, masks, counts, plan, parsed)
+    install(model)
+    if sparse_init and plan is None:
+        rescale_to_active_fan_in(model)
+    set_compute(model, compute)
+    _report(frozen, counts, shapes, density)
+    return model
+
+
+def _register(
+    targets: Mapping[str, nn.Module],
+    masks: Mapping[str, torch.Tensor],
+    counts: Mapping[str, int],
+    plan: MaskPlan | None,
+    structure: Structure | None,
+) -> None:
+    """Register a :class:`SparseMask` on every target; all of them, or none on failure."""
     done: list[tuple[nn.Module, torch.Tensor]] = []
     try:
         for name, module in targets.items():
@@ -140,8 +169,8 @@ def sparsify(
             module.parametrizations.weight.register_load_state_dict_post_hook(
                 zero_inactive_after_load
             )
-            if parsed is not None:
-                record(module.parametrizations.weight[0], parsed)
+            if structure is not None:
+                record(module.parametrizations.weight[0], structure)
             module.parametrizations.weight.register_state_dict_pre_hook(zero_inactive_before_save)
             stored = module.parametrizations.weight.original
             module.parametrizations.weight[0].catch.hook(stored)
@@ -155,11 +184,33 @@ def sparsify(
             with torch.no_grad():
                 module.weight.set_(dense)
         raise
-    install(model)
-    if sparse_init and plan is None:
-        rescale_to_active_fan_in(model)
-    set_compute(model, compute)
-    return model
+
+
+def _report(
+    frozen: Sequence[str],
+    counts: Mapping[str, int],
+    shapes: Mapping[str, Sequence[int]],
+    density: float,
+) -> None:
+    """Say once what a user would not see: frozen layers left dense, layers that get a
+    single active weight (all but cut out of the network)."""
+    if frozen:
+        warn(
+            f"sparsify: left {len(frozen)} frozen layers dense (weight requires_grad=False, "
+            f"nothing would train or move their masks): {_listed(frozen)}; set "
+            f"requires_grad=True before sparsify to make them sparse"
+        )
+    single = [name for name, count in counts.items() if count == 1 < math.prod(shapes[name])]
+    if single:
+        warn(
+            f"sparsify: at density {density} layers {_listed(single)} get a single active "
+            f"weight each, which all but cuts them out of the network; raise the density, "
+            f"give them their own (distribution={{name: d}}) or exclude them"
+        )
+
+
+def _listed(names: Sequence[str]) -> str:
+    return f"{list(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
 
 
 def _meta_plan(
@@ -190,9 +241,13 @@ def _generator(seed: int | torch.Generator) -> torch.Generator:
         if seed.device.type != "cpu":
             raise ValueError("sparsify: seed must be an int or a CPU torch.Generator")
         return seed
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"sparsify: seed must be an int or a torch.Generator, got {seed!r}")
-    return torch.Generator().manual_seed(seed)
+    if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise ValueError(
+            f"sparsify: seed must be in [-2**63, 2**64), got {seed}; pass seed % 2**64"
+        )
+    return torch.Generator().manual_seed(int(seed))
 
 
 def _type_names(layer_types: type[nn.Module] | Sequence[type[nn.Module]]) -> list[str]:
@@ -205,7 +260,7 @@ def _check_mapping_counts(
 ) -> None:
     for name, d in distribution.items():
         numel = math.prod(shapes[name]) if name in shapes else None
-        if numel is not None and isinstance(d, (int, float)) and 0 < d <= 1 and d * numel < 0.5:
+        if numel is not None and isinstance(d, numbers.Real) and 0 < d <= 1 and d * numel < 0.5:
             raise ValueError(
                 f"sparsify: layer {name!r} has {numel} weights, too few for density {d} "
                 f"(0 active); give it a density of at least {1 / numel:.3g}"

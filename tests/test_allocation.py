@@ -295,3 +295,14 @@ def test_allocate_rejects_fewer_weights_than_layers():
     with pytest.raises(ValueError, match="gives 4 active weights for 5 layers"):
         allocate(shapes, 4 / 500, "uniform")
     assert sum(allocate(shapes, 5 / 500, "uniform").values()) == 5
+
+
+@pytest.mark.parametrize("shape", [(10, 20.5), (10, True), "10x20", (10, -2)])
+def test_allocate_rejects_shapes_that_are_not_whole_dims(shape):
+    with pytest.raises(TypeError, match=r"shape of .a. must be a sequence of non-negative ints"):
+        allocate({"a": shape}, 0.5)
+
+
+def test_allocate_takes_numpy_numbers():
+    np = pytest.importorskip("numpy")
+    assert allocate({"a": (np.int64(10), 20)}, np.float32(0.5)) == {"a": 100}

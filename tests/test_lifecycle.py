@@ -668,6 +668,10 @@ CLASS_ERRORS = {
                                ValueError, "DSR: doublings"),
     "dsr target_pruned fraction": (lambda m, o: sp.DSR(m, o, total_steps=10, target_pruned=1.5),
                                    ValueError, "DSR: target_pruned"),
+    "dsr target_pruned above the model": (
+        lambda m, o: sp.DSR(m, o, total_steps=10, target_pruned=10**9),
+        ValueError, r"DSR: target_pruned=1000000000 is more than an update can prune in this "
+                    r"model \(\d+ of \d+ active weights\)"),
     "snfs momentum nan": (lambda m, o: sp.SNFS(m, o, total_steps=10, momentum=math.nan),
                           ValueError, "SNFS: momentum"),
 }  # fmt: skip

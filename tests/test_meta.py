@@ -139,3 +139,30 @@ def test_timm_model_on_meta_gets_the_eager_masks_and_trains():
         optimizer.step()
     assert [r["step"] for r in scheduler.history] == [2]
     helpers.check_invariants(model, optimizer)
+
+
+def test_training_before_materialize_is_refused():
+    # to_empty gives storage holding whatever memory held: masks drawn from it would be
+    # garbage (density far from the allocation, NaN weights), so nothing may run on it.
+    model = meta_tiny(density=0.1)
+    model.to_empty(device="cpu")
+    x = torch.randn(2, *helpers.IN_SHAPE)
+    with pytest.raises(RuntimeError, match=r"sp\.materialize\(model\)"):
+        model(x)
+    sp.materialize(model)
+    assert torch.isfinite(model(x)).all()
+
+
+def test_a_failing_init_fn_leaves_the_model_waiting_for_materialize():
+    model = meta_tiny(density=0.1)
+    model.to_empty(device="cpu")
+
+    def broken(_: torch.nn.Module) -> None:
+        raise OSError("weights file missing")
+
+    with pytest.raises(OSError, match="weights file missing"):
+        sp.materialize(model, init_fn=broken)
+    with pytest.raises(RuntimeError, match="materialize"):
+        model(torch.randn(2, *helpers.IN_SHAPE))
+    sp.materialize(model)
+    helpers.check_invariants(model)

@@ -8,6 +8,7 @@ import importlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -534,6 +535,7 @@ def small_model():
         ({"density": 0.5, "distribution": {"2": 0.001}}, ValueError, "layer '2' has 240 weights"),
         ({"density": 1 / 440}, ValueError, "gives 1 active weights for 2 layers"),
         ({"density": 0.5, "seed": "0"}, TypeError, "seed must be an int"),
+        ({"density": 0.5, "seed": 2**70}, ValueError, r"seed must be in \[-2\*\*63, 2\*\*64\)"),
     ],
 )
 def test_bad_arguments_raise_and_leave_the_model_untouched(
@@ -548,8 +550,44 @@ def test_bad_arguments_raise_and_leave_the_model_untouched(
 
 
 def test_lowest_feasible_density_gives_one_weight_per_layer(check_invariants):
-    model = sparsify(small_model(), 2 / 440, distribution="uniform")
+    with pytest.warns(UserWarning, match=r"layers \['0', '2'\] get a single active weight"):
+        model = sparsify(small_model(), 2 / 440, distribution="uniform")
     check_invariants(model, {"0": 1, "2": 1})
+
+
+@pytest.mark.parametrize("model", [None, {"weight": torch.ones(2, 2)}, torch.ones(2, 2)])
+def test_a_model_that_is_not_a_module_is_named(model):
+    with pytest.raises(TypeError, match="sparsify: model must be a torch.nn.Module, got"):
+        sparsify(model, 0.5)
+
+
+def test_numpy_densities_and_seeds_are_numbers(check_invariants):
+    expected = sparsify(small_model(), 0.5, seed=3).state_dict()
+    for number in (np.float32(0.5), np.float64(0.5)):
+        model = sparsify(small_model(), number, seed=np.int64(3))
+        check_invariants(model)
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, expected[key]), key
+
+
+def test_frozen_layers_are_left_dense_and_named(check_invariants, snapshot, assert_untouched):
+    # A frozen backbone under a trainable head: masking it would cut a network that
+    # nothing trains, so it stays dense and the user is told.
+    model = small_model()
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built before: stays valid
+    with pytest.warns(UserWarning, match=r"left 1 frozen layers dense .*\['0'\]"):
+        sparsify(model, 0.5)
+    assert [layer.name for layer in sparse_layers(model)] == ["2"]
+    assert isinstance(model[0].weight, nn.Parameter) and not model[0].weight.requires_grad
+    (model[0](torch.randn(3, 10)).sum() + model[2](torch.randn(3, 20, 6)).sum()).backward()
+    optimizer.step()
+    check_invariants(model)
+    frozen = small_model().requires_grad_(False)
+    snap = snapshot(frozen)
+    with pytest.raises(ValueError, match="all 2 candidate weights are frozen"):
+        sparsify(frozen, 0.5)
+    assert_untouched(frozen, snap)
 
 
 def test_no_target_layers(snapshot, assert_untouched):

@@ -60,8 +60,19 @@ class DSR(SparseScheduler):
         super().__init__(model, optimizer, **kwargs)
 
     def setup(self) -> None:
+        active = sum(layer.active for layer in self.layers)
         if self.target_pruned is None:
-            self.target_pruned = max(round(0.1 * sum(layer.active for layer in self.layers)), 1)
+            self.target_pruned = max(round(0.1 * active), 1)
+            return
+        # an update prunes at most every active weight but one per layer, and no more
+        # than can regrow where nothing is active
+        most = min(active - len(self.layers), sum(inactive_counts(self.layers)))
+        if self.target_pruned > max(most, 1):
+            raise ValueError(
+                f"{type(self).__name__}: target_pruned={self.target_pruned} is more than an "
+                f"update can prune in this model ({most} of {active} active weights); "
+                f"pass at most {most}, such as the default 10% of the active weights"
+            )
 
     def interval(self, step: int) -> int:
         return doubling_interval(step, self.update_interval, self.stop_step, self.doublings)
