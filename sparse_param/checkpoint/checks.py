@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from ..arguments import check_mapping, check_model
 from ..mask import SparseMask
 from ..structure import checkpoint_problems
 from .keys import EVER, MASK, SPARSE_ENTRIES, STRUCTURE
@@ -198,6 +199,10 @@ def check_state_dict(
     Raises:
         RuntimeError: one line per problem, naming the key or layer and what is wrong.
     """
+    check_model("check_state_dict", model)
+    check_mapping(
+        "check_state_dict", "state_dict", state_dict, "pass model.state_dict() or a checkpoint's"
+    )
     return _check(model, state_dict, strict, prefix)[0]
 
 
