@@ -17,13 +17,10 @@ from ..kernels import remove_sparse_compute
 from ..layers import sparse_layers, unwrap
 from ..scheduler import attached_scheduler
 from ..standardized import is_standardized
+from .checks import STATE_DICT_FIX
 from .keys import EVER, MASK, ORIGINAL, STRUCTURE, layer_prefix
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # files save_plain writes
-STATE_DICT_FIX = (
-    "pass model.state_dict(), or a loaded checkpoint's state dict "
-    "(torch.load(path)['state_dict'] for a timm checkpoint)"
-)
 
 
 def finalize(model: nn.Module) -> nn.Module:

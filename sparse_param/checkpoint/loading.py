@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from ..arguments import check_mapping, check_model
 from ..layers import sparse_layers
-from .checks import asking_strict, check_state_dict
-from .export import STATE_DICT_FIX, is_sparse_state_dict
+from .checks import STATE_DICT_FIX, asking_strict, check_state_dict
+from .export import is_sparse_state_dict
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> Any:
