@@ -37,6 +37,7 @@ import csv
 import inspect
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -82,6 +83,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 import sparse_param.models  # noqa: F401  (registers the papers' models with timm)
 from sparse_param import plots
 from sparse_param.algorithms import PRUNING_METHODS  # start dense, prune to --density
+from sparse_param.arguments import check_int, check_real
 from sparse_param.checkpoint import load_checkpoint_file
 from sparse_param.layers import unwrap
 from sparse_param.scheduler import OPTIMIZER_STATE_KEY
@@ -453,6 +455,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The sparse flags each method reads none of: given with it, they would do nothing.
+SCHEDULE_FLAGS = (
+    "update_interval",
+    "drop_fraction",
+    "drop_schedule",
+    "sparse_start",
+    "sparse_stop",
+)
+DSR_FLAGS = ("dsr_threshold", "dsr_target_pruned")
+MASK_FLAGS = ("density", "distribution", "dense_first_last", "dense_first", "dense_last",
+              "sparse_seed", "sparse_init")  # fmt: skip
+UNREAD = {
+    "dense": (MASK_FLAGS + SCHEDULE_FLAGS + DSR_FLAGS, "dense training has no mask"),
+    "static": (SCHEDULE_FLAGS + DSR_FLAGS, "static never changes the mask"),
+    "dsr": ((), ""),
+}
+
+
 def known_config_keys(parser: argparse.ArgumentParser | None = None) -> set[str]:
     """Keys a ``--config`` YAML may hold: every flag's ``dest`` (underscored name)."""
     parser = parser or build_parser()
@@ -477,6 +497,7 @@ def load_config(path: str | os.PathLike, parser: argparse.ArgumentParser | None 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str]:
     """Parse ``argv`` like timm: ``--config`` supplies defaults, the command line wins."""
     parser = build_parser()
+    builtin = {a.dest: a.default for a in parser._actions}  # before a --config changes them
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("-c", "--config", default="")
     known, _ = pre.parse_known_args(argv)
@@ -490,6 +511,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str]:
         args.data_dir = args.data
     if args.data_dir is None:
         parser.error("give the dataset root with --data-dir (or as the positional DIR)")
+    check_unread_flags(parser, args, builtin)
     if args.dense_first_last:
         args.dense_first = args.dense_last = True
     check_structure(parser, args)
@@ -497,8 +519,55 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str]:
         args.density = 0.1
     if not 0 < args.density <= 1:
         parser.error(f"--density must be in (0, 1], got {args.density}")
+    check_schedule(parser, args)
     args_text = yaml.safe_dump(vars(args), default_flow_style=False, sort_keys=False)
     return args, args_text
+
+
+def check_unread_flags(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, builtin: dict[str, Any]
+) -> None:
+    """Refuse a sparse flag (on the command line or in --config) that --sparse-method
+    does not read, rather than train as if it had not been given."""
+    method = args.sparse_method
+    unread, why = UNREAD.get(method, (DSR_FLAGS, "only dsr reads it"))
+    for dest in unread:
+        if getattr(args, dest) != builtin[dest]:
+            flag = "--" + dest.replace("_", "-")
+            parser.error(
+                f"{flag} {getattr(args, dest)}: --sparse-method {method} does not use it "
+                f"({why}); drop the flag or choose a method that reads it"
+            )
+
+
+def check_schedule(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse the schedule flags the sparse scheduler would refuse, now rather than
+    after the data and the model are built."""
+    method = args.sparse_method
+    if method in ("dense", "static"):
+        return  # check_unread_flags refused any schedule flag
+    owner = f"--sparse-method {method}"
+    cls = sparse_param.ALGORITHMS[method]
+    stop = cls.defaults["stop"] if args.sparse_stop is None else args.sparse_stop
+    try:
+        if args.update_interval is not None:
+            check_int(owner, "--update-interval", args.update_interval, 1)
+        if args.drop_fraction is not None:
+            check_real(owner, "--drop-fraction", args.drop_fraction, 0, 1)
+        check_real(owner, "--sparse-stop", stop, 0, 1)
+        check_real(owner, "--sparse-start", args.sparse_start, 0, stop)
+        if method == "dsr":
+            check_real(owner, "--dsr-threshold", args.dsr_threshold, 0, math.inf,
+                       open_low=True, open_high=True)  # fmt: skip
+            if args.dsr_target_pruned is not None:
+                check_int(owner, "--dsr-target-pruned", args.dsr_target_pruned, 1)
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+    if method in PRUNING_METHODS and args.density == 1:
+        parser.error(
+            f"--density 1 with {owner}: it prunes a dense model down to --density, so "
+            f"--density must be below 1"
+        )
 
 
 def check_structure(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -1,9 +1,64 @@
-"""Validating the numbers a user passes to a scheduler: errors that name the class called."""
+"""Validating what a user passes in (models, optimizers, state dicts, numbers): errors
+that name the function or class called, what was given, and the fix."""
 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def describe(value: Any) -> str:
+    """What a wrong argument is, in a few words (never a tensor's whole repr)."""
+    if value is None:
+        return "None"
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def check_model(owner: str, model: Any, name: str = "model") -> None:
+    """Raise ``TypeError`` unless ``model`` (the argument ``name``) is an ``nn.Module``
+    (wrappers such as DDP and torch.compile's are); ``owner`` is the function or class
+    the user called."""
+    if isinstance(model, nn.Module):
+        return
+    hint = "pass the nn.Module itself"
+    if model is None:
+        hint += " (a function meant to return the model may have returned None)"
+    if isinstance(model, Mapping):
+        hint = (
+            "a state dict is not a model: load it with model.load_state_dict(...), then pass model"
+        )
+    elif isinstance(model, Tensor):
+        hint = "pass the module that holds this tensor, not the tensor"
+    raise TypeError(f"{owner}: {name} must be a torch.nn.Module, got {describe(model)}; {hint}")
+
+
+def check_optimizer(owner: str, optimizer: Any) -> None:
+    """Raise ``TypeError`` unless ``optimizer`` is a ``torch.optim.Optimizer``."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return
+    swapped = (
+        " (the model was passed where the optimizer goes)"
+        if isinstance(optimizer, nn.Module)
+        else ""
+    )
+    raise TypeError(
+        f"{owner}: optimizer must be a torch.optim.Optimizer, got {describe(optimizer)}"
+        f"{swapped}; build it with torch.optim.SGD(model.parameters(), lr=...) (any "
+        f"torch.optim optimizer) and pass (model, optimizer)"
+    )
+
+
+def check_mapping(owner: str, name: str, value: Any, fix: str) -> None:
+    """Raise ``TypeError`` unless ``value`` is a mapping (a state dict); ``fix`` says
+    where the right one comes from."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{owner}: {name} must be a mapping, got {describe(value)}; {fix}")
 
 
 def check_int(owner: str, name: str, value: Any, minimum: int) -> int:

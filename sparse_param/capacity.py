@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .arguments import check_model
 from .layers import DEFAULT_LAYER_TYPES, is_sparse, unwrap
 
 __all__ = ["SameCapacity", "capacity", "same_capacity_dense"]
@@ -30,6 +31,7 @@ def capacity(model: nn.Module, count: str = "weights") -> int:
     """Trainable connections of ``model``: active Linear/Conv weights (``"weights"``),
     plus every other parameter for ``"parameters"``. A dense model counts all of its
     Linear/Conv weights as active."""
+    check_model("capacity", model)
     if count not in COUNTS:
         raise ValueError(f"capacity: count must be one of {COUNTS}, got {count!r}")
     model = unwrap(model)
@@ -87,6 +89,7 @@ def same_capacity_dense(
         ValueError: ``count`` is unknown, the sparse model is larger than
             ``factory(max_width)``, or the factory's capacity decreases with width.
     """
+    check_model("same_capacity_dense", sparse_model, "sparse_model")
     target = capacity(sparse_model, count)
     cache: dict[int, int] = {}
 

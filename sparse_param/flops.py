@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .arguments import check_model
 from .layers import DEFAULT_LAYER_TYPES, is_sparse, unwrap
 
 __all__ = ["FlopLayer", "dense_training_flops", "flop_layers", "training_flops", "weight_uses"]
@@ -56,6 +57,7 @@ def weight_uses(model: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str, int]
 
     The forward runs in eval mode (norm statistics and dropout untouched), and the
     train/eval flags are restored after."""
+    check_model("weight_uses", model)
     modules = _weight_modules(model)
     modes = {module: module.training for module in unwrap(model).modules()}
     uses: dict[str, int] = {}
@@ -97,6 +99,7 @@ def dense_training_flops(
 ) -> float:
     """FLOPs of ``steps`` dense training steps of ``model``'s architecture: 6·n·u per
     weight layer, sample and step, times ``batch_size``."""
+    check_model("dense_training_flops", model)
     layers = flop_layers(model, uses)
     return 6.0 * sum(layer.numel * layer.uses for layer in layers) * steps * batch_size
 
@@ -138,6 +141,7 @@ def training_flops(
         ValueError: bad ``steps`` / ``start`` / ``batch_size``, or ``start`` = 0 while
             the history has lost early records (``scheduler.num_updates`` exceeds it).
     """
+    check_model("training_flops", model)
     if steps is None:
         if scheduler is None:
             raise ValueError("training_flops: give steps when there is no scheduler")

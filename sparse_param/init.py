@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .arguments import check_model
 from .distributed import local_pair
 from .layers import sparse_layers
 from .sampling import random_subset
@@ -25,6 +26,7 @@ def rescale_to_active_fan_in(model: nn.Module) -> None:
     ``fan_in`` is the unit's dense fan-in (``weight[0].numel()``); units with no active
     input are left as they are.
     """
+    check_model("rescale_to_active_fan_in", model)
     for layer in sparse_layers(model):
         active = layer.mask.flatten(1).sum(1).to(layer.weight.dtype)
         fan_in = layer.mask[0].numel()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .arguments import check_model
 from .mask import SparseMask
 
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -71,6 +72,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def sparse_layers(model: nn.Module) -> Iterator[SparseLayer]:
     """Yield every sparse layer of ``model`` in module order."""
+    check_model("sparse_layers", model)  # raised at the first next(): callers list() at once
     for name, module in unwrap(model).named_modules():
         if is_sparse(module):
             yield SparseLayer(name, module)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .arguments import check_model
 from .distributed import masked_fill_
 from .init import draw_mask, rescale_to_active_fan_in
 from .layers import sparse_layers
@@ -70,6 +71,7 @@ def materialize(model: nn.Module, init_fn: Callable[[nn.Module], None] | None = 
             tensors on the meta device (call ``model.to_empty(device=...)`` first); the
             model is left as it was.
     """
+    check_model("materialize", model)
     layers = [layer for layer in sparse_layers(model) if layer.parametrization.plan is not None]
     if not layers:
         raise ValueError(

@@ -12,19 +12,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .arguments import check_model
 from .layers import DEFAULT_LAYER_TYPES, SparseLayer, sparse_layers, unwrap
 
 
-def _require_layers(model: nn.Module) -> list[SparseLayer]:
+def _require_layers(owner: str, model: nn.Module) -> list[SparseLayer]:
+    check_model(owner, model)
     layers = list(sparse_layers(model))
     if not layers:
-        raise ValueError("the model has no sparse layers: call sparse_param.sparsify(model) first")
+        raise ValueError(
+            f"{owner}: the model has no sparse layers: call sparse_param.sparsify(model) first"
+        )
     return layers
 
 
 def density(model: nn.Module) -> float:
     """Share of active weights over all sparse layers (active / numel)."""
-    layers = _require_layers(model)
+    layers = _require_layers("density", model)
     return sum(layer.active for layer in layers) / sum(layer.numel for layer in layers)
 
 
@@ -34,7 +38,7 @@ def itop_rate(model: nn.Module) -> float:
     R_s = Σ ever_active / Σ numel over the sparse layers (Liu et al., ICML 2021). It starts
     at the density and never decreases.
     """
-    layers = _require_layers(model)
+    layers = _require_layers("itop_rate", model)
     ever = sum(int(layer.ever_active.count_nonzero()) for layer in layers)
     return ever / sum(layer.numel for layer in layers)
 
@@ -42,7 +46,7 @@ def itop_rate(model: nn.Module) -> float:
 def layer_table(model: nn.Module) -> list[dict[str, Any]]:
     """One row per sparse layer: name, shape, numel, active, density, ever_active, itop_rate."""
     rows = []
-    for layer in _require_layers(model):
+    for layer in _require_layers("layer_table", model):
         ever = int(layer.ever_active.count_nonzero())
         rows.append(
             {
@@ -62,6 +66,7 @@ def layer_table(model: nn.Module) -> list[dict[str, Any]]:
 def summary(model: nn.Module) -> str:
     """A per-layer table (name, shape, allocated and current density, active count, R_s)
     followed by the totals, as text."""
+    check_model("summary", model)
     rows = layer_table(model)
     header = ("layer", "shape", "numel", "alloc", "active", "density", "R_s")
     lines = [
@@ -163,7 +168,7 @@ def effective_density(model: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str
         RuntimeError: a sparse layer computed with a non-zero weight where its mask is
             off, or never ran a linear/conv op on its weight.
     """
-    layers = _require_layers(model)
+    layers = _require_layers("effective_density", model)
     stack: list[str] = []
     seen: dict[str, list[Tensor]] = {}
     handles = []
@@ -278,6 +283,7 @@ def gradient_flow(model: nn.Module, p: float = 2) -> GradientFlow:
         ValueError: ``p`` is not positive, the model has no weight layers, or a layer has
             no gradient (``.grad`` is None).
     """
+    check_model("gradient_flow", model)
     if not p > 0:
         raise ValueError(f"gradient_flow: p must be > 0, got {p}")
     layers = _weight_layers(model)
@@ -327,6 +333,7 @@ def effective_gradient_flow(model: nn.Module, p: float = 2) -> float:
     count, averaged evenly over the L layers. See :func:`gradient_flow` for the layers
     counted, when to call it, and the errors.
     """
+    check_model("effective_gradient_flow", model)
     return gradient_flow(model, p).egf
 
 

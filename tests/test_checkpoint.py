@@ -439,3 +439,50 @@ def test_a_load_checks_each_layer_once_and_a_layer_alone_still_checks(monkeypatc
     state[MASK] = torch.zeros_like(state[MASK])
     with pytest.raises(RuntimeError, match="keeps no weight|all False|no active"):
         layer.load_state_dict(state)
+
+
+# ------------------------------------------------ issue 19: inputs a user cannot act on
+
+STATE_DICT_READERS = {
+    "load_state_dict": lambda m, s: sp.load_state_dict(m, s),
+    "check_state_dict": lambda m, s: sp.checkpoint.check_state_dict(m, s),
+    "dense_state_dict": lambda m, s: sp.dense_state_dict(s),
+    "is_sparse_state_dict": lambda m, s: sp.is_sparse_state_dict(s),
+}
+
+
+@pytest.mark.parametrize("given, words", [(None, "got None"), ([1, 2], "got a list")])
+@pytest.mark.parametrize("name", list(STATE_DICT_READERS))
+def test_a_state_dict_that_is_not_a_mapping_is_refused_with_the_fix(
+    name, given, words, snapshot, assert_untouched
+):
+    model = sparse_net(1)
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match=rf"^{name}: state_dict must be a mapping, {words}; "
+                                        rf"pass model.state_dict\(\)"):  # fmt: skip
+        STATE_DICT_READERS[name](model, given)
+    assert_untouched(model, snap)
+
+
+@pytest.mark.parametrize("load", ["sparse_param", "torch"])
+def test_a_bool_mask_with_bytes_other_than_one_loads_as_its_truth_values(load):
+    """``uint8_tensor.view(torch.bool)`` holds 0xFF for True: torch reads it as True, so
+    it loads as the mask it means (not as "ever_active misses ... active weights"), and
+    the buffers loaded hold bytes 0 and 1 only."""
+    saved = sparse_net(0)
+    state = checkpoint(0)
+    for key in [k for k in state if k.endswith(MASK)]:
+        state[key] = (state[key].view(torch.uint8) * 255).view(torch.bool)
+    model = sparse_net(1)
+    if load == "sparse_param":
+        sp.load_state_dict(model, state)
+    else:
+        model.load_state_dict(state)
+    for key, value in saved.state_dict().items():
+        loaded = model.state_dict()[key]
+        if value.dtype == torch.bool:
+            assert torch.equal(loaded.view(torch.uint8), value.view(torch.uint8)), key
+        else:
+            assert torch.equal(loaded, value), key
+    assert allocations(model) == allocations(saved)
+    assert sp.itop_rate(model) == sp.itop_rate(saved)

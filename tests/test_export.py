@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import timm
@@ -206,3 +207,33 @@ def test_export_helpers_handle_a_sparsified_root_layer():
     load_state_dict(fresh, plain)
     x = torch.randn(3, 6)
     assert torch.equal(fresh(x), layer(x))
+
+
+# ------------------------------------------- issue 19: the export command's bad inputs
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("truncated", r"CKPT \S+ckpt.pth: torch.load cannot read it \(.*\); the file is truncated"),
+        ("empty", r"CKPT \S+ckpt.pth: torch.load cannot read it \(EOFError\)"),
+        ("no folder", r"OUT \S+missing/plain.safetensors: \S+missing is not an existing folder; "
+                      r"create it first"),
+    ],
+)  # fmt: skip
+def test_the_export_command_says_what_is_wrong_in_one_line(tmp_path, capsys, case, words):
+    from sparse_param.export import main
+
+    torch.manual_seed(0)
+    path = tmp_path / "ckpt.pth"
+    torch.save(sparsify(nn.Sequential(nn.Linear(8, 8)), 0.5).state_dict(), path)
+    data = path.read_bytes()
+    if case != "no folder":
+        path.write_bytes(data[: len(data) // 2] if case == "truncated" else b"")
+    out = tmp_path / ("missing" if case == "no folder" else "") / "plain.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert re.search(words, error), error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth"]  # nothing written

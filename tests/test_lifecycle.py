@@ -699,3 +699,82 @@ def test_dsr_numpy_arguments_are_plain_values():
     assert type(scheduler.threshold) is float and type(scheduler.doublings) is int
     assert type(scheduler.target_pruned) is int
     assert isinstance(scheduler.state_dict()["threshold"], float)
+
+
+# ------------------------------------------------ issue 19: arguments of the wrong kind
+
+NOT_A_MODEL = {
+    "None": (None, "got None; pass the nn.Module itself"),
+    "a state dict": ({"0.weight": torch.ones(2)}, "got a dict; a state dict is not a model"),
+    "a tensor": (torch.ones(3), r"got a torch.float32 tensor of shape \(3,\); pass the module"),
+}
+READERS = {  # every public function taking a model, called with whatever stands in for it
+    "finalize": lambda m: sp.finalize(m),
+    "density": lambda m: sp.density(m),
+    "itop_rate": lambda m: sp.itop_rate(m),
+    "layer_table": lambda m: sp.layer_table(m),
+    "summary": lambda m: sp.summary(m),
+    "effective_density": lambda m: sp.effective_density(m, torch.ones(1, 8)),
+    "gradient_flow": lambda m: sp.gradient_flow(m),
+    "effective_gradient_flow": lambda m: sp.effective_gradient_flow(m),
+    "to_sparse": lambda m: sp.to_sparse(m),
+    "save_safetensors": lambda m: sp.save_safetensors(m, "unused.safetensors"),
+    "load_state_dict": lambda m: sp.load_state_dict(m, {}),
+    "capacity": lambda m: sp.capacity(m),
+    "training_flops": lambda m: sp.training_flops(m, steps=1),
+    "weight_uses": lambda m: sp.weight_uses(m, torch.ones(1, 8)),
+    "materialize": lambda m: sp.materialize(m),
+    "rescale_to_active_fan_in": lambda m: sp.rescale_to_active_fan_in(m),
+    "sparse_layers": lambda m: list(sp.sparse_layers(m)),
+}
+
+
+@pytest.mark.parametrize("given", list(NOT_A_MODEL))
+@pytest.mark.parametrize("algorithm", sorted(sp.ALGORITHMS))
+def test_a_scheduler_given_no_model_names_it_and_changes_nothing(algorithm, given):
+    value, words = NOT_A_MODEL[given]
+    model = helpers.build_model()
+    optimizer = sgd(model)
+    train(model, optimizer, 1)
+    before = snapshot(model, optimizer)
+    name = sp.ALGORITHMS[algorithm].__name__
+    kw = {"density": 0.2} if algorithm in PRUNING else {}
+    with pytest.raises(TypeError, match=rf"{name}: model must be a torch.nn.Module, {words}"):
+        sp.create_scheduler(algorithm, value, optimizer, total_steps=12, **kw)
+    assert_untouched(before, model, optimizer)
+    assert sp.attached_scheduler(optimizer) is None
+
+
+@pytest.mark.parametrize("given", list(NOT_A_MODEL))
+@pytest.mark.parametrize("function", list(READERS))
+def test_a_function_given_no_model_names_itself_and_what_it_got(function, given):
+    value, words = NOT_A_MODEL[given]
+    with pytest.raises(TypeError, match=rf"^{function}: model must be a torch.nn.Module, {words}"):
+        READERS[function](value)
+
+
+@pytest.mark.parametrize(
+    "wrong, words",
+    [
+        ("None", "got None; build it with torch.optim.SGD"),
+        ("the model", r"got a TinyNet \(the model was passed where the optimizer goes\)"),
+    ],
+)
+@pytest.mark.parametrize("algorithm", sorted(sp.ALGORITHMS))
+def test_a_scheduler_given_no_optimizer_names_the_fix(algorithm, wrong, words):
+    model = helpers.build_model()
+    optimizer = sgd(model)
+    before = snapshot(model, optimizer)
+    name = sp.ALGORITHMS[algorithm].__name__
+    kw = {"density": 0.2} if algorithm in PRUNING else {}
+    given = None if wrong == "None" else model
+    with pytest.raises(TypeError, match=rf"{name}: optimizer must be a torch.optim.Optimizer, "
+                                        rf"{words}"):  # fmt: skip
+        sp.create_scheduler(algorithm, model, given, total_steps=12, **kw)
+    assert_untouched(before, model, optimizer)
+    assert sp.attached_scheduler(model) is None
+
+
+def test_attached_scheduler_of_neither_an_optimizer_nor_a_model_says_what_it_takes():
+    with pytest.raises(TypeError, match="attached_scheduler: expected the optimizer or the model"):
+        sp.attached_scheduler(None)

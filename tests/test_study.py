@@ -54,3 +54,18 @@ def test_help_shows_every_size_and_what_it_trains(capsys):
             runs = module.runs_per_seed(size)
             row = [name, flag, str(size.epochs), str(len(size.seeds)), str(runs)]
             assert any(line.split()[:5] == row for line in text.splitlines()), (name, key)
+
+
+@pytest.mark.parametrize("where", ["out", "inside"])
+def test_an_out_that_is_a_file_is_refused_before_any_training(tmp_path, capsys, monkeypatch, where):
+    taken = tmp_path / "results"
+    taken.write_text("keep me")
+    out = taken if where == "out" else taken / "study"
+    for module in STUDIES.values():  # a run would train for minutes: none may start
+        monkeypatch.setattr(module, "run", lambda *a: pytest.fail("a study ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["itop", "--tiny", "--out", str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert f"--out {out}: {taken} is a file, and --out is a folder for results.md" in error
+    assert taken.read_text() == "keep me"

@@ -14,10 +14,11 @@ LENET_WEIGHTS = 784 * 300 + 300 * 100 + 100 * 10
 
 
 def _args(data, out, method: str, density: float) -> list[str]:
+    sparse = [] if method == "dense" else ["--density", str(density)]  # dense reads none
     return [
         "--data-dir", str(data), "--model", "lenet_300_100", "--batch-size", str(BATCH),
         "--epochs", "1", "--lr", "0.05", "--warmup-epochs", "0", "--no-aug",
-        "--smoothing", "0", "--sparse-method", method, "--density", str(density),
+        "--smoothing", "0", "--sparse-method", method, *sparse,
         "--workers", "0", "--device", "cpu", "--output", str(out), "--experiment", method,
         "--log-interval", "3", "--no-plots", "--log-tensorboard",
     ]  # fmt: skip

@@ -13,6 +13,7 @@ import copy
 import csv
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -572,3 +573,58 @@ def test_plots(tmp_path):
     summary.write_text("epoch,eval_top1,density\n0,10.5,0.1\n1,,0.1\n")
     columns = plots.load_summary(summary)
     assert columns["epoch"] == [0.0, 1.0] and columns["eval_top1"][0] == 10.5
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--sparse-method", "dense", "--density", "0.05"],
+         "--density 0.05: --sparse-method dense does not use it (dense training has no mask)"),
+        (["--sparse-method", "dense", "--dense-first-last"],
+         "--dense-first-last True: --sparse-method dense does not use it"),
+        (["--sparse-method", "static", "--drop-fraction", "0.5"],
+         "--drop-fraction 0.5: --sparse-method static does not use it (static never changes"),
+        (["--sparse-method", "static", "--update-interval", "50"],
+         "--update-interval 50: --sparse-method static does not use it"),
+        (["--sparse-method", "rigl", "--dsr-threshold", "0.01"],
+         "--dsr-threshold 0.01: --sparse-method rigl does not use it (only dsr reads it)"),
+    ],
+)  # fmt: skip
+def test_a_flag_the_method_does_not_read_is_refused_at_parse_time(capsys, flags, words):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["d", *flags])
+    assert exit_info.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_a_flag_the_method_does_not_read_is_refused_from_a_config_too(tmp_path, capsys):
+    config = tmp_path / "static.yaml"
+    config.write_text("sparse_method: static\nsparse_stop: 0.5\n")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(config), "d"])
+    assert "--sparse-stop 0.5: --sparse-method static does not use it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--drop-fraction", "1.5"], r"--sparse-method rigl: --drop-fraction must be in \[0, 1\]"),
+        (["--update-interval", "0"], "--sparse-method rigl: --update-interval must be an int ≥ 1"),
+        (["--sparse-stop", "2"], r"--sparse-method rigl: --sparse-stop must be in \[0, 1\]"),
+        (["--sparse-start", "0.9"],  # after RigL's stop, 0.75
+         r"--sparse-method rigl: --sparse-start must be in \[0, 0.75\], got 0.9"),
+        (["--sparse-method", "set", "--sparse-start", "0.6", "--sparse-stop", "0.5"],
+         r"--sparse-method set: --sparse-start must be in \[0, 0.5\]"),
+        (["--sparse-method", "dsr", "--dsr-threshold", "nan"], "--dsr-threshold must be in"),
+        (["--sparse-method", "dsr", "--dsr-target-pruned", "0"], "--dsr-target-pruned must be"),
+        (["--sparse-method", "gmp", "--density", "1"], "--density 1 with --sparse-method gmp"),
+    ],
+)  # fmt: skip
+def test_schedule_flags_the_scheduler_would_refuse_are_refused_before_any_data(
+    capsys, monkeypatch, flags, words
+):
+    monkeypatch.setattr(train, "setup_run", lambda args: pytest.fail("the run was set up"))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["d", *flags])
+    assert exit_info.value.code == 2
+    assert re.search(words, capsys.readouterr().err)

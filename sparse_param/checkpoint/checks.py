@@ -28,12 +28,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from ..arguments import check_mapping, check_model
 from ..mask import SparseMask
 from ..structure import checkpoint_problems
 from .keys import EVER, MASK, SPARSE_ENTRIES, STRUCTURE
@@ -41,6 +42,10 @@ from .keys import EVER, MASK, SPARSE_ENTRIES, STRUCTURE
 _MAX_LISTED = 20  # problems listed in one error message
 # The strict of the load running now, where its caller recorded it (None: not recorded).
 _STRICT: ContextVar[bool | None] = ContextVar("sparse_param_load_strict", default=None)
+STATE_DICT_FIX = (  # where a state dict comes from, for errors given something else
+    "pass model.state_dict(), or a loaded checkpoint's state dict "
+    "(torch.load(path)['state_dict'] for a timm checkpoint)"
+)
 _WRAPPER_HINT = (
     "a load that does not start on the sparsified module is checked as strict=True: for a "
     "non-strict load through a wrapper, call "
@@ -142,10 +147,19 @@ def _check_tensor(key: str, value: Any, target: Tensor) -> str | None:
     return None
 
 
-def _check_sparse_layer(at: str, state_dict: Mapping[str, Any], shape: torch.Size) -> list[str]:
-    """What is wrong with one sparse layer's entries (all of which are present)."""
-    name = at[:-1] or "(the module loading)"
-    mask, ever = state_dict[at + MASK], state_dict[at + EVER]
+def _canonical(value: Any) -> Any:
+    """A bool tensor with every byte 0 or 1. A bool tensor made by viewing other bytes
+    as bool (``uint8_tensor.view(torch.bool)``) can hold 0xFF for True: torch reads it as
+    True, but byte-wise arithmetic (these checks, the masks' uint8 fast paths) does not,
+    so such masks are made canonical rather than refused. Anything else is returned
+    as it is, for the checks to report."""
+    if isinstance(value, Tensor) and value.dtype == torch.bool:
+        return value.view(torch.uint8).ne(0)
+    return value
+
+
+def _check_sparse_layer(name: str, mask: Any, ever: Any, shape: torch.Size) -> list[str]:
+    """What is wrong with one sparse layer's (canonical) mask and ever_active."""
     problems = []
     for what, value in (("mask", mask), ("ever_active", ever)):
         if not isinstance(value, Tensor) or value.dtype != torch.bool:
@@ -180,10 +194,11 @@ def check_state_dict(
     keys of modules that load in a way of their own are left to torch); that each entry
     is a tensor of the model's shape and dtype kind; and for every sparse layer, that
     its stored weight, ``mask`` and ``ever_active`` come together (or not at all), that
-    both buffers are bool and shaped like the weight, that the mask keeps at least one
-    weight, that ``ever_active`` contains the mask, and that a structured layer's mask
-    keeps its structure (:func:`~sparse_param.structure.checkpoint_problems`). Values off
-    the mask are allowed (loading zeroes them).
+    both buffers are bool (any non-zero byte read as True) and shaped like the weight,
+    that the mask keeps at least one weight, that ``ever_active`` contains the mask, and
+    that a structured layer's mask keeps its structure
+    (:func:`~sparse_param.structure.checkpoint_problems`). Values off the mask are
+    allowed (loading zeroes them).
 
     Args:
         model: the module about to load (a wrapper or a bigger model is fine).
@@ -198,7 +213,9 @@ def check_state_dict(
     Raises:
         RuntimeError: one line per problem, naming the key or layer and what is wrong.
     """
-    return _check(model, state_dict, strict, prefix)[0]
+    check_model("check_state_dict", model)
+    check_mapping("check_state_dict", "state_dict", state_dict, STATE_DICT_FIX)
+    return _check(model, state_dict, strict, prefix).loaded
 
 
 def _check(
@@ -207,9 +224,9 @@ def _check(
     strict: bool | None,
     prefix: str,
     key_hint: str | None = None,
-) -> tuple[dict[SparseMask, int], _Expected]:
-    """:func:`check_state_dict`, also returning what it expected; ``key_hint`` is added
-    to the problems when the key sets differ."""
+) -> _Checked:
+    """:func:`check_state_dict`, also returning what it expected and the canonical
+    masks; ``key_hint`` is added to the problems when the key sets differ."""
     expected = _Expected(model, prefix)
     given = [key for key in state_dict if key.startswith(prefix)]
     problems: list[str] = []
@@ -238,6 +255,7 @@ def _check(
             if problem:
                 problems.append(problem)
     loaded: dict[SparseMask, int] = {}
+    canonical: dict[str, Tensor] = {}
     for at, parametrization in expected.sparse.items():
         keys = [at + end for end in SPARSE_ENTRIES]
         present = [key in state_dict for key in keys]
@@ -251,14 +269,16 @@ def _check(
                 f"loads its weight, mask and ever_active together"
             )
             continue
-        layer_problems = _check_sparse_layer(at, state_dict, parametrization.mask.shape)
+        name = at[:-1] or "(the module loading)"
+        mask, ever = _canonical(state_dict[at + MASK]), _canonical(state_dict[at + EVER])
+        layer_problems = _check_sparse_layer(name, mask, ever, parametrization.mask.shape)
         if not layer_problems:  # a structured layer's mask must keep its structure
-            name, mask = at[:-1] or "(the module loading)", state_dict[at + MASK]
             code = state_dict.get(at + STRUCTURE)
             layer_problems = checkpoint_problems(name, parametrization, mask, code)
         problems += layer_problems
         if not layer_problems:
-            loaded[parametrization] = int(state_dict[at + MASK].count_nonzero())
+            loaded[parametrization] = int(mask.count_nonzero())
+            canonical[at + MASK], canonical[at + EVER] = mask, ever
     if problems:
         shown = problems[:_MAX_LISTED]
         if len(problems) > _MAX_LISTED:
@@ -267,7 +287,13 @@ def _check(
             f"Error(s) in loading state_dict for {type(model).__name__}; no tensor of it was "
             f"copied:" + "".join(f"\n\t{p}" for p in shown)
         )
-    return loaded, expected
+    return _Checked(loaded, expected, canonical)
+
+
+class _Checked(NamedTuple):
+    loaded: dict[SparseMask, int]  # the active count of each loaded mask
+    expected: _Expected
+    canonical: dict[str, Tensor]  # each sparse layer's mask and ever_active, bytes 0 or 1
 
 
 def _listed(keys: list[str], limit: int = 8) -> str:
@@ -299,7 +325,9 @@ def check_before_load(
 ) -> None:
     """Load pre-hook (``register_load_state_dict_pre_hook``) of a sparsified module and
     of each sparse layer: :func:`check_state_dict` on the entries of its subtree, then
-    record each loaded mask's active count as its ``allocated``.
+    put each sparse layer's canonical mask and ever_active (bytes 0 or 1) in
+    ``state_dict`` for torch to copy, and record each loaded mask's active count as its
+    ``allocated``.
 
     A sparse layer whose entries an enclosing module's hook has just checked (torch runs
     the root's hook first, then each child's, on the same tensors) is not checked again.
@@ -312,7 +340,8 @@ def check_before_load(
         return
     asked = _STRICT.get()
     hint = _WRAPPER_HINT if asked is None else None
-    loaded, expected = _check(module, state_dict, asked is not False, prefix, hint)
+    loaded, expected, canonical = _check(module, state_dict, asked is not False, prefix, hint)
+    state_dict.update(canonical)  # what torch copies next, and what each layer's hook sees
     for at, parametrization in expected.sparse.items():
         if parametrization in loaded:
             parametrization.allocated = loaded[parametrization]

@@ -12,10 +12,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..arguments import check_mapping, check_model
 from ..kernels import remove_sparse_compute
 from ..layers import sparse_layers, unwrap
 from ..scheduler import attached_scheduler
 from ..standardized import is_standardized
+from .checks import STATE_DICT_FIX
 from .keys import EVER, MASK, ORIGINAL, STRUCTURE, layer_prefix
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # files save_plain writes
@@ -39,6 +41,7 @@ def finalize(model: nn.Module) -> nn.Module:
             convolutions, whose sparse weight exists only after standardization and so
             cannot be stored as a plain timm weight.
     """
+    check_model("finalize", model)
     layers = list(sparse_layers(model))
     if not layers:
         raise ValueError("finalize: the model has no sparse layers")
@@ -69,6 +72,7 @@ def finalize(model: nn.Module) -> nn.Module:
 
 def is_sparse_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
     """Whether ``state_dict`` was saved from a sparsified model."""
+    check_mapping("is_sparse_state_dict", "state_dict", state_dict, STATE_DICT_FIX)
     return any(layer_prefix(key, MASK) is not None for key in state_dict)
 
 
@@ -78,6 +82,7 @@ def dense_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     ``<layer>.parametrizations.weight.original`` (times its mask) becomes
     ``<layer>.weight``; masks, ever-active and structure buffers are dropped.
     """
+    check_mapping("dense_state_dict", "state_dict", state_dict, STATE_DICT_FIX)
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         if any(layer_prefix(key, suffix) is not None for suffix in (MASK, EVER, STRUCTURE)):
@@ -119,6 +124,7 @@ def save_safetensors(model: nn.Module, path, metadata: Mapping[str, str] | None 
     """
     from safetensors.torch import save_file  # optional dependency: sparse_param[export]
 
+    check_model("save_safetensors", model)
     model = unwrap(model)
     standardized = [layer.name for layer in sparse_layers(model) if is_standardized(layer.module)]
     if standardized:

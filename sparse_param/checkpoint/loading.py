@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..arguments import check_mapping, check_model
 from ..layers import sparse_layers
-from .checks import asking_strict, check_state_dict
+from .checks import STATE_DICT_FIX, asking_strict, check_state_dict
 from .export import is_sparse_state_dict
 
 
@@ -39,6 +40,8 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: 
         RuntimeError: the checkpoint does not fit the model (keys, shapes, dtypes, or a
             sparse layer's mask / ever_active); ``model`` is left as it was.
     """
+    check_model("load_state_dict", model)
+    check_mapping("load_state_dict", "state_dict", state_dict, STATE_DICT_FIX)
     if is_sparse_state_dict(state_dict) and next(sparse_layers(model), None) is None:
         raise ValueError(
             "this checkpoint holds a sparse model (keys '*.parametrizations.weight.0.mask'), "

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..arguments import check_model
 from ..layers import is_sparse, unwrap
 from ..structure import Structure, violation
 from .condensed import CondensedLinear
@@ -119,6 +120,7 @@ def to_sparse(
             chosen layer without the format's structure; the model is left unchanged.
         RuntimeError: ``format="semi_structured"`` with a layer that is not on CUDA.
     """
+    check_model("to_sparse", model)
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"to_sparse: min_sparsity must be in [0, 1], got {min_sparsity}")
     if format not in FORMATS:

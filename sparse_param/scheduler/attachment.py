@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..arguments import describe
 from ..layers import sparse_layers
 from . import registry
 from .engine import SparseScheduler
@@ -18,6 +19,11 @@ def attached_scheduler(obj: torch.optim.Optimizer | nn.Module) -> SparseSchedule
     """
     if isinstance(obj, torch.optim.Optimizer):
         keys: list[object] = [obj]
+    elif not isinstance(obj, nn.Module):
+        raise TypeError(
+            f"attached_scheduler: expected the optimizer or the model the scheduler was "
+            f"created with, got {describe(obj)}"
+        )
     else:
         keys = [layer.parametrization for layer in sparse_layers(obj)]
     found = registry.lookup(keys)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..arguments import check_int
+from ..arguments import check_int, check_model, check_optimizer
 from ..layers import SparseLayer, sparse_layers
 from ..metrics import density, itop_rate
 from ..structure import structure_of
@@ -138,6 +138,8 @@ class SparseScheduler:
         log_path: str | os.PathLike[str] | None = None,
     ) -> None:
         owner = type(self).__name__
+        check_model(owner, model)
+        check_optimizer(owner, optimizer)
         layers = checks.sparse_layers_of(owner, model)
         given = dict(zip(FIELDS, (total_steps, update_interval, drop_fraction, drop_schedule)))
         given.update(stop=stop, start=start)

@@ -66,6 +66,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     sizes.add_argument("--full", action="store_true", help="the larger size (hours)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the size's)")
     args = parser.parse_args(argv)
+    # Before any training: the studies create --out only once every run is done.
+    existing = next(p for p in (args.out, *args.out.parents) if p.exists())
+    if not existing.is_dir():
+        parser.error(
+            f"--out {args.out}: {existing} is a file, and --out is a folder for results.md "
+            f"and the plots; pass a folder that does not exist yet or holds no such file"
+        )
     module = STUDIES[args.study]
     size = module.SIZES["full" if args.full else "tiny" if args.tiny else "default"]
     # Small MLP steps: one thread is faster, and immune to oversubscription.
