@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .allocation import allocate
+from .arguments import check_model
 from .checkpoint.checks import install
 from .distributed import is_sharded
 from .init import draw_mask, rescale_to_active_fan_in
@@ -89,11 +90,7 @@ def sparsify(
             tied to another module's or computed by a parametrization (``weight_norm``,
             ``spectral_norm``); the model is left exactly as it was.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"sparsify: model must be a torch.nn.Module, got {type(model).__name__}; pass "
-            f"the model itself (not its state_dict or a tensor)"
-        )
+    check_model("sparsify", model)
     if next(sparse_layers(model), None) is not None:
         raise ValueError(
             "sparsify: the model is already sparse; build a fresh model to sparsify it "
