@@ -778,3 +778,30 @@ def test_a_scheduler_given_no_optimizer_names_the_fix(algorithm, wrong, words):
 def test_attached_scheduler_of_neither_an_optimizer_nor_a_model_says_what_it_takes():
     with pytest.raises(TypeError, match="attached_scheduler: expected the optimizer or the model"):
         sp.attached_scheduler(None)
+
+
+@pytest.mark.parametrize("algorithm", sorted(set(sp.ALGORITHMS) - {"static"}))
+def test_a_method_that_moves_masks_refuses_a_frozen_sparse_layer(algorithm):
+    # Frozen after sparsify: no gradient would guide its regrowth and no step would
+    # train what grows, so moving its mask could only cut weights.
+    model = helpers.build_model(density=0.3, distribution="uniform")
+    model.fc1.requires_grad_(False)
+    optimizer = sgd(model)
+    before = snapshot(model, optimizer)
+    kw = {"density": 0.2, "distribution": "uniform"} if algorithm in ("gmp", "granet") else {}
+    with pytest.raises(ValueError, match=r"sparse layers \['fc1'\] are frozen .*Static"):
+        sp.create_scheduler(algorithm, model, optimizer, total_steps=10, **kw)
+    assert_untouched(before, model, optimizer)
+    assert sp.attached_scheduler(model) is None
+
+
+def test_static_keeps_a_frozen_sparse_layer_as_it_is():
+    model = helpers.build_model(density=0.3, distribution="uniform")
+    model.fc1.requires_grad_(False)
+    frozen = {k: clone(v) for k, v in model.fc1.state_dict().items()}
+    optimizer = torch.optim.SGD((p for p in model.parameters() if p.requires_grad), lr=0.1)
+    sp.Static(model, optimizer)  # the optimizer need not hold the frozen weight
+    train(model, optimizer, 3)
+    for key, value in model.fc1.state_dict().items():
+        assert_same(value, frozen[key], key)
+    helpers.check_invariants(model)

@@ -28,10 +28,23 @@ def sparse_layers_of(owner: str, model: nn.Module) -> list[SparseLayer]:
 
 
 def check_optimizer(
-    owner: str, model: nn.Module, optimizer: torch.optim.Optimizer, layers: Sequence[SparseLayer]
+    owner: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    layers: Sequence[SparseLayer],
+    updates_topology: bool = True,
 ) -> None:
-    """Raise unless ``optimizer`` holds every sparse weight and neither it nor the model
-    has a scheduler attached already."""
+    """Raise unless ``optimizer`` holds every trainable sparse weight, no frozen one is
+    left to a method that moves masks, and neither the optimizer nor the model has a
+    scheduler attached already."""
+    frozen = [layer.name for layer in layers if not layer.weight.requires_grad]
+    if frozen and updates_topology:
+        raise ValueError(
+            f"{owner}: sparse layers {frozen[:5]}{' …' if len(frozen) > 5 else ''} are frozen "
+            f"(requires_grad=False): nothing trains them, so moving their masks would only "
+            f"cut weights. Unfreeze them, train with Static (masks fixed), or freeze them "
+            f"before sparsify (which leaves frozen layers dense)"
+        )
     missing = not_held(optimizer, layers)
     if missing:
         raise ValueError(
@@ -50,10 +63,14 @@ def check_optimizer(
 
 
 def not_held(optimizer: torch.optim.Optimizer, layers: Sequence[SparseLayer]) -> str:
-    """The names of the sparse layers whose stored weight the optimizer does not hold
-    (at most five listed); empty if it holds them all."""
+    """The names of the trainable sparse layers whose stored weight the optimizer does
+    not hold (at most five listed); empty if it holds them all."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    missing = [layer.name for layer in layers if id(layer.weight) not in held]
+    missing = [
+        layer.name
+        for layer in layers
+        if id(layer.weight) not in held and layer.weight.requires_grad  # frozen: not stepped
+    ]
     return f"{missing[:5]}{' …' if len(missing) > 5 else ''}" if missing else ""
 
 

@@ -151,7 +151,7 @@ class SparseScheduler:
             raise TypeError(f"{owner}: attach must be True or False, got {attach!r}")
         self.history_size = check_int(owner, "history_size", history_size, 0)
         self.log_path = check_log_path(owner, log_path)
-        checks.check_optimizer(owner, model, optimizer, layers)
+        checks.check_optimizer(owner, model, optimizer, layers, self.updates_topology)
         self.model, self.optimizer, self.layers = model, optimizer, layers
         self.structures = [structure_of(layer.parametrization) for layer in layers]
         if not self.keeps_structure and any(self.structures):
