@@ -40,13 +40,13 @@ SEED = 42
 EPOCHS = 4
 UPDATES_PER_EPOCH = 3  # RigL updates every 2 steps: at steps 2, 4, 6 | 8 (T_end = 9)
 VARIANTS = ("upstream", "reseeded")
-args = argparse.Namespace(model="resnet18", seed=SEED, world_size=1)  # saved by CheckpointSaver
+args = argparse.Namespace(model="test_resnet", seed=SEED, world_size=1)  # saved by CheckpointSaver
 
 
 PRUNING = {"gmp", "granet"}  # prune from sparsify's density to the scheduler's
 
 
-def build(mask_seed: int, algorithm: str = "rigl", model_name: str = "resnet18"):
+def build(mask_seed: int, algorithm: str = "rigl", model_name: str = "test_resnet"):
     """train.py from create_model to the EMA, in its order, with the README's lines."""
     model = timm.create_model(model_name, num_classes=10, drop_rate=0.25)
     with torch.no_grad():  # --head-init-scale
@@ -87,7 +87,7 @@ def run(
     variant: str,
     out: Path,
     algorithm: str = "rigl",
-    model_name: str = "resnet18",
+    model_name: str = "test_resnet",
     backend: str | None = None,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
