@@ -1,9 +1,11 @@
-"""Checks a scheduler makes of what it is given: at creation, and at its first step."""
+"""Checks a scheduler makes of what it is given and of where the run is: at creation,
+at its first step, at the first step after a load, and from the forwards (:mod:`.pace`)."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -13,6 +15,9 @@ from ..warn import warn
 from . import registry
 from .hooks import OPTIMIZER_STATE_KEY
 from .schedule import Schedule
+
+if TYPE_CHECKING:
+    from .engine import SparseScheduler
 
 FEW_UPDATES = 5  # a schedule with fewer topology updates than this gets a warning
 
@@ -141,20 +146,17 @@ def warn_past_the_end(owner: str, step: int, schedule: Schedule) -> None:
     )
 
 
-def warn_not_counted(
-    owner: str, layer: str, writes: int, optimizer: torch.optim.Optimizer, schedule: Schedule,
-    step: int,
-) -> None:  # fmt: skip
-    """Warn that ``layer``'s weights were written ``writes`` times while the scheduler
+def warn_not_counted(owner: str, layer: str, writes: int, scheduler: SparseScheduler) -> None:
+    """Warn that ``layer``'s weights were written ``writes`` times while ``scheduler``
     counted no step: an optimizer it is not attached to trains the model."""
     warn(
         f"{owner}: the weights of layer {layer!r} were written {writes} times (optimizer "
-        f"steps) while the scheduler counted no step: it is still at step {step} of "
-        f"total_steps={schedule.total_steps} and will not update the topology. An "
-        f"optimizer other than the one it is attached to ({type(optimizer).__name__}) "
-        f"trains the model: attach the scheduler to the optimizer you step "
-        f"(scheduler.remove(), then {owner}(model, that_optimizer, ...)), or with "
-        f"attach=False call scheduler.step() after every optimizer.step()"
+        f"steps) while the scheduler counted no step: it is still at step "
+        f"{scheduler.step_count} of total_steps={scheduler.total_steps} and will not update "
+        f"the topology. An optimizer other than the one it is attached to "
+        f"({type(scheduler.optimizer).__name__}) trains the model: attach the scheduler to "
+        f"the optimizer you step (scheduler.remove(), then {owner}(model, that_optimizer, "
+        f"...)), or with attach=False call scheduler.step() after every optimizer.step()"
     )
 
 

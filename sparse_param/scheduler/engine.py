@@ -77,8 +77,9 @@ class SparseScheduler:
     The six schedule attributes (``total_steps``, ``update_interval``, ``drop_fraction``,
     ``drop_schedule``, ``stop``, ``start``) may be assigned at any time, e.g.
     ``scheduler.total_steps = epochs * len(loader)`` once the length of the run is known;
-    an assignment is validated (a bad value raises and changes nothing) and re-derives
-    what depends on it (the dense-gradient capture of the next step).
+    an assignment is validated (a bad value, or a ``total_steps`` below ``step_count``,
+    raises and changes nothing) and re-derives what depends on it (the dense-gradient
+    capture of the next step).
 
     After every optimizer step the stored weights are re-zeroed where inactive, so
     optimizers whose update is dense (Shampoo, Muon, …) cannot revive pruned weights;
@@ -96,7 +97,9 @@ class SparseScheduler:
     ``optimizer.load_state_dict``, so any script that checkpoints the optimizer resumes
     the scheduler exactly, provided the scheduler exists when the optimizer is loaded
     (creating it afterwards warns). A state of another algorithm or layer set is
-    refused before anything (scheduler or optimizer) is changed.
+    refused before anything (scheduler or optimizer) is changed. A resume that leaves
+    the step count behind the run, or past ``total_steps``, warns at the first step
+    (:mod:`.pace`), as does a model trained by an optimizer this scheduler does not count.
     """
 
     # What an algorithm declares (class attributes).
@@ -257,9 +260,7 @@ class SparseScheduler:
         self._on_step()
 
     def _on_step(self) -> None:
-        # After creation or a load, not at them: a script may load the scheduler's state
-        # after the optimizer's and set the real total_steps after both.
-        if self._pace.due:
+        if self._pace.due:  # after creation or a load, when the state is final (.pace)
             self._pace.check()
         self.step_count += 1
         self._zeroing.after_step()

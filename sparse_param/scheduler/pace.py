@@ -97,10 +97,7 @@ class Pace:
         self._writes[index] += 1
         if self._writes[index] >= WATCH_WRITES and s.step_count < s.stop_step:
             self.unwatch()
-            layer = s.layers[index].name
-            checks.warn_not_counted(owner=type(s).__name__, layer=layer, writes=WATCH_WRITES,
-                                    optimizer=s.optimizer, schedule=s.schedule,
-                                    step=s.step_count)  # fmt: skip
+            checks.warn_not_counted(type(s).__name__, s.layers[index].name, WATCH_WRITES, s)
 
     def unwatch(self) -> None:
         """Stop watching the forwards."""
