@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +48,10 @@ class SparseMask(nn.Module):
 
     mask: Tensor
     ever_active: Tensor
+    # Set by an attached scheduler (its watch for an optimizer it does not count):
+    # called with the stored weight's version when an eager forward finds the weight
+    # written since it was last zeroed. A class default, so older pickles have it too.
+    on_write: Callable[[int], None] | None = None
 
     def __init__(self, mask: Tensor) -> None:
         super().__init__()
@@ -66,7 +71,7 @@ class SparseMask(nn.Module):
     def __getstate__(self) -> dict[str, object]:
         # Copies (EMA deepcopies, pickles) start without references to the checkpoint
         # entries this one checked; its helpers forget their weights the same way.
-        return {**self.__dict__, "_checked": None}
+        return {**self.__dict__, "_checked": None, "on_write": None}
 
     @property
     def capture_dense_grad(self) -> bool:
@@ -97,12 +102,14 @@ class SparseMask(nn.Module):
         if self.capture_dense_grad and torch.is_grad_enabled() and weight.requires_grad:
             if not self.catch.sharded and not torch.compiler.is_compiling():
                 self.catch.hook(weight)  # a stored weight that sparsify did not hook
+                self._tell_written(weight)
             return GradThrough.apply(weight, self.mask)
         if torch.compiler.is_compiling():
             # NaN-safe selection, no version bookkeeping; fused by the compiler
             out = torch.where(self.mask, weight, 0)
         else:
             if not self.is_clean(weight):
+                self._tell_written(weight)
                 self.zero_inactive_(weight)
             if not (torch.is_grad_enabled() and weight.requires_grad):
                 # The stored weight itself, so in-place edits under no_grad
@@ -112,6 +119,12 @@ class SparseMask(nn.Module):
                 return MaskedGrad.apply(weight, self.mask)
             out = self.gradient.hand_out(weight)  # its hooks mask the gradient
         return out
+
+    def _tell_written(self, weight: Tensor) -> None:
+        # Only writes to the weight itself: a mask rewritten in place (DDP's buffer
+        # broadcast at every forward) is no training step.
+        if self.on_write is not None and weight._version != self._clean[0]:
+            self.on_write(weight._version)
 
     def zero_inactive_(self, weight: Tensor) -> None:
         """Zero the stored ``weight`` where the mask is off (exactly, NaN/Inf included),

@@ -805,3 +805,196 @@ def test_static_keeps_a_frozen_sparse_layer_as_it_is():
     for key, value in model.fc1.state_dict().items():
         assert_same(value, frozen[key], key)
     helpers.check_invariants(model)
+
+
+# ------------------------------- §5 schedules that restart or stop without a word (issue 19)
+
+
+RUN = {"total_steps": 40, "update_interval": 2}  # enough updates not to warn of too few
+
+
+def _mid_run(steps: int = 8, total_steps: int = 40) -> dict:
+    """A checkpoint (model, optimizer with the scheduler's entry) taken after ``steps``
+    steps of a run whose topology has changed (ever_active holds more than the mask)."""
+    model, optimizer, scheduler = build("rigl", **{**RUN, "total_steps": total_steps})
+    train(model, optimizer, steps)
+    assert sp.itop_rate(model) > sp.density(model)
+    return clone({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+
+
+def _caught(caught, text: str) -> list:
+    return [w for w in caught if text in str(w.message)]
+
+
+@pytest.mark.parametrize("optimizer_state", ["not loaded", "without the scheduler's entry"])
+def test_a_restart_at_step_0_on_a_model_mid_run_warns_once_with_the_counts(optimizer_state):
+    """timm's --no-resume-opt, or an optimizer checkpoint saved without the scheduler:
+    the model is at step 8, the scheduler at 0."""
+    checkpoint = _mid_run()
+    model, optimizer, scheduler = build("rigl", mask_seed=1, **RUN)
+    model.load_state_dict(checkpoint["model"])
+    if optimizer_state != "not loaded":
+        del checkpoint["optimizer"]["sparse_param"]
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    ever = sum(int(layer.ever_active.count_nonzero()) for layer in scheduler.layers)
+    active = sum(layer.active for layer in scheduler.layers)
+    with pytest.warns(UserWarning, match="starts at step 0") as caught:
+        train(model, optimizer, 3, first=8)
+    (warning,) = _caught(caught, "starts at step 0")
+    message = str(warning.message)
+    assert f"{ever} of its 2072 sparse weights have been active" in message
+    assert f"and {active} are active now" in message
+    assert "load the optimizer state dict saved with the model" in message
+    assert warning.filename == __file__  # the user's optimizer.step()
+
+
+def _resume(flow: str, checkpoint: dict, total_steps: int = 40):
+    """A resumed model, optimizer and scheduler, by ``flow``."""
+    placeholder = flow == "timm placeholder"  # docs/guide/timm.md: 1, resume, the real one
+    kw = {**RUN, "total_steps": 1 if placeholder else total_steps}
+    model, optimizer, scheduler = build("rigl", mask_seed=1, **kw)
+    model.load_state_dict(checkpoint["model"])
+    state = dict(checkpoint["optimizer"])
+    scheduler_state = state.pop("sparse_param")
+    if flow == "scheduler saved apart":  # recipes/train.py, tests/test_legacy_checkpoint.py
+        optimizer.load_state_dict(state)
+        scheduler.load_state_dict(scheduler_state)
+    else:
+        optimizer.load_state_dict({**state, "sparse_param": scheduler_state})
+    if placeholder:
+        scheduler.total_steps = total_steps
+    return model, optimizer, scheduler
+
+
+@pytest.mark.parametrize("flow", ["optimizer", "scheduler saved apart", "timm placeholder"])
+def test_resumes_that_restore_the_schedule_do_not_warn(flow):
+    model, optimizer, scheduler = _resume(flow, _mid_run())
+    assert scheduler.step_count == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, optimizer, 4, first=8)
+    assert scheduler.step_count == 12
+
+
+def test_an_optimizer_state_without_the_schedulers_loaded_mid_run_warns_at_the_next_step():
+    model, optimizer, scheduler = build("rigl", **RUN)
+    train(model, optimizer, 2)
+    older = clone(optimizer.state_dict())
+    del older["sparse_param"]
+    train(model, optimizer, 3, first=2)
+    optimizer.load_state_dict(older)
+    with pytest.warns(UserWarning, match="without the scheduler's") as caught:
+        train(model, optimizer, 2, first=5)
+    (warning,) = _caught(caught, "without the scheduler's")
+    assert "goes on from its own step 5 of total_steps=40" in str(warning.message)
+    assert "scheduler.load_state_dict" in str(warning.message)
+    # the scheduler's state loaded after it: no warning
+    optimizer.load_state_dict(older)
+    scheduler.load_state_dict(clone(scheduler.state_dict()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, optimizer, 1, first=7)
+
+
+def test_a_state_past_total_steps_warns_at_the_first_step_with_both_numbers():
+    """A state saved at step 15 of a 40-step run, resumed with total_steps=10: the
+    schedule is over, the run goes on; said once total_steps is final (the first step)."""
+    checkpoint = _mid_run(steps=15, total_steps=40)
+    model, optimizer, scheduler = _resume("optimizer", checkpoint, total_steps=10)
+    assert scheduler.step_count == 15
+    with pytest.warns(UserWarning, match="past the end") as caught:
+        train(model, optimizer, 2, first=15)
+    (warning,) = _caught(caught, "past the end")
+    message = str(warning.message)
+    assert "at step 15 of total_steps=10" in message
+    assert "set total_steps to the run's real length" in message
+    # the fix, before the first step: no warning
+    model, optimizer, scheduler = _resume("timm placeholder", checkpoint, total_steps=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, optimizer, 2, first=15)
+
+
+@pytest.mark.parametrize("algorithm", ["rigl", "gmp"])
+def test_total_steps_below_the_steps_counted_is_refused_and_changes_nothing(algorithm):
+    model, optimizer, scheduler = build(algorithm, total_steps=100, update_interval=10)
+    train(model, optimizer, 30)
+    before = snapshot(model, optimizer, scheduler)
+    name = type(scheduler).__name__
+    refused = rf"{name}: total_steps=10 is below step_count=30.*at least 30"
+    with pytest.raises(ValueError, match=refused):
+        scheduler.total_steps = np.int64(10)
+    assert_untouched(before, model, optimizer, scheduler)
+    scheduler.total_steps = 30  # the run ends here: allowed
+    assert scheduler.total_steps == 30
+
+
+def _steps(model, optimizer, steps, micro_batches=1, edit=None):
+    """``steps`` steps of ``optimizer``, each over ``micro_batches`` forwards, with
+    ``edit(model)`` before each forward."""
+    for i in range(steps):
+        optimizer.zero_grad()
+        for j in range(micro_batches):
+            if edit is not None:
+                edit(model)
+            helpers.loss_of(model, helpers.batch(100 * i + j)).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("attach", [True, False])
+@pytest.mark.parametrize("algorithm", ["rigl", "snfs"])  # SNFS captures dL/dW in every forward
+def test_training_with_an_optimizer_the_scheduler_does_not_count_warns_once(algorithm, attach):
+    import copy
+
+    model, optimizer, scheduler = build(algorithm, total_steps=100, update_interval=50,
+                                        attach=attach)  # fmt: skip
+    _steps(model, optimizer, 3)
+    if attach:
+        other = torch.optim.AdamW(model.parameters(), lr=1e-3)  # a new optimizer
+        steps_counted = 3
+    else:
+        other = optimizer  # scheduler.step() never called
+        steps_counted = 0
+    ema = copy.deepcopy(model)  # a copy is not watched: the scheduler is not its own
+    with pytest.warns(UserWarning, match="while the scheduler counted no step") as caught:
+        _steps(model, other, 15)
+    (warning,) = _caught(caught, "counted no step")
+    message = str(warning.message)
+    assert "layer 'conv' were written 10 times" in message
+    assert f"still at step {steps_counted} of total_steps=100" in message
+    assert "attach the scheduler to the optimizer you step" in message
+    assert warning.filename == helpers.__file__  # the user's forward, helpers.loss_of
+    assert scheduler.step_count == steps_counted
+    assert all(layer.parametrization.on_write is None for layer in sp.sparse_layers(ema))
+
+
+def _rewrite_masks(model):
+    """What DDP's buffer broadcast does to the masks before every forward."""
+    with torch.no_grad():
+        for layer in sp.sparse_layers(model):
+            layer.mask.copy_(layer.mask.clone())
+
+
+@pytest.mark.parametrize("algorithm", ["rigl", "snfs"])
+def test_the_optimizer_the_scheduler_counts_raises_no_false_alarm(algorithm):
+    """Many micro-batches, masks rewritten before every forward, an in-place edit of the
+    weights after every step (max-norm): the scheduler counts every step, no warning."""
+    model, optimizer, scheduler = build(algorithm, total_steps=100, update_interval=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(12):
+            _steps(model, optimizer, 1, micro_batches=12, edit=_rewrite_masks)
+            with torch.no_grad():
+                model.fc1.parametrizations.weight.original.clamp_(-0.5, 0.5)
+    assert scheduler.step_count == 12 and scheduler.num_updates == 2
+
+
+def test_explicit_updates_between_forwards_raise_no_false_alarm():
+    """update() writes the weights too (pruned ones zeroed): the scheduler acted."""
+    model, optimizer, scheduler = build("set", total_steps=100, update_interval=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(12):
+            helpers.loss_of(model, helpers.batch(i)).backward()
+            scheduler.update()
+    assert scheduler.step_count == 0 and scheduler.num_updates == 12

@@ -5,8 +5,8 @@
 numbers (``schedule``), exact selection (``selection``), installing masks
 (``topology``), optimizer hooks (``hooks``), zeroing after steps (``zeroing``),
 dense-gradient capture (``capture``), checkpoint state (``state``), records and logs
-(``records``), argument checks (``checks``) and the one-scheduler-per-optimizer
-registry (``registry``, ``attachment``).
+(``records``), argument checks (``checks``), a step count that falls behind the run
+(``pace``) and the one-scheduler-per-optimizer registry (``registry``, ``attachment``).
 """
 
 from .attachment import attached_scheduler

@@ -1,9 +1,11 @@
-"""Checks a scheduler makes of what it is given: at creation, and at its first step."""
+"""Checks a scheduler makes of what it is given and of where the run is: at creation,
+at its first step, at the first step after a load, and from the forwards (:mod:`.pace`)."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,7 +13,11 @@ from torch import nn
 from ..layers import SparseLayer, sparse_layers
 from ..warn import warn
 from . import registry
+from .hooks import OPTIMIZER_STATE_KEY
 from .schedule import Schedule
+
+if TYPE_CHECKING:
+    from .engine import SparseScheduler
 
 FEW_UPDATES = 5  # a schedule with fewer topology updates than this gets a warning
 
@@ -100,6 +106,74 @@ def warn_if_few_updates(owner: str, schedule: Schedule, updates: int) -> None:
         f"{schedule.update_interval} steps in ({schedule.start_step}, {schedule.stop_step}] "
         f"(start={schedule.start}, stop={schedule.stop} of total_steps="
         f"{schedule.total_steps}). Lower update_interval or check total_steps"
+    )
+
+
+def check_total_steps(owner: str, total_steps: int, step_count: int) -> None:
+    """Refuse a ``total_steps`` below the steps already counted: no update would follow."""
+    if total_steps < step_count:
+        raise ValueError(
+            f"{owner}: total_steps={total_steps} is below step_count={step_count}, the "
+            f"optimizer steps this scheduler has already counted: the topology would never "
+            f"update again. Set total_steps to the length of the whole run (at least "
+            f"{step_count}), e.g. epochs * len(loader)"
+        )
+
+
+def warn_if_restarted(owner: str, layers: Sequence[SparseLayer]) -> None:
+    """At step 0 of a scheduler that has not updated yet: warn when more weights have
+    been active (``ever_active``, which contains the mask) than are active now, a model
+    mid-run whose scheduler state was not restored."""
+    active = sum(layer.active for layer in layers)
+    ever = sum(int(layer.ever_active.count_nonzero()) for layer in layers)
+    if ever <= active:
+        return
+    total = sum(layer.numel for layer in layers)
+    warn(
+        f"{owner}: the schedule starts at step 0, but the model is mid-run: {ever} of its "
+        f"{total} sparse weights have been active (ever_active, R_s={ever / total:.4f}) "
+        f"and {active} are active now (density {active / total:.4f}). The scheduler's "
+        f"state was not restored: load the optimizer state dict saved with the model (it "
+        f"carries the scheduler's, under '{OPTIMIZER_STATE_KEY}'; in timm, without "
+        f"--no-resume-opt), or call scheduler.load_state_dict(saved_scheduler_state). If a "
+        f"new schedule on this trained model is what you mean, ignore this warning"
+    )
+
+
+def warn_unrestored(owner: str, step: int, total_steps: int) -> None:
+    """Warn that an optimizer state without the scheduler's was loaded, and no scheduler
+    state after it, while the scheduler was at ``step``."""
+    warn(
+        f"{owner}: optimizer.load_state_dict was given a state without the scheduler's "
+        f"(no '{OPTIMIZER_STATE_KEY}' entry) and no scheduler state was loaded after it: "
+        f"the schedule goes on from its own step {step} of total_steps={total_steps}, "
+        f"wherever the optimizer state comes from. If it comes from another point of the "
+        f"run, load the scheduler state saved with it: scheduler.load_state_dict(...)"
+    )
+
+
+def warn_past_the_end(owner: str, step: int, schedule: Schedule) -> None:
+    """Warn that the scheduler is at ``step``, at or past the end of ``schedule``."""
+    warn(
+        f"{owner}: the scheduler is at step {step} of total_steps={schedule.total_steps}: "
+        f"the run goes on past the end of its schedule (updates end at step "
+        f"{schedule.stop_step}), so the topology never changes again. If the state comes "
+        f"from a longer run, set total_steps to the run's real length "
+        f"(scheduler.total_steps = ..., more than {step})"
+    )
+
+
+def warn_not_counted(owner: str, layer: str, writes: int, scheduler: SparseScheduler) -> None:
+    """Warn that ``layer``'s weights were written ``writes`` times while ``scheduler``
+    counted no step: an optimizer it is not attached to trains the model."""
+    warn(
+        f"{owner}: the weights of layer {layer!r} were written {writes} times (optimizer "
+        f"steps) while the scheduler counted no step: it is still at step "
+        f"{scheduler.step_count} of total_steps={scheduler.total_steps} and will not update "
+        f"the topology. An optimizer other than the one it is attached to "
+        f"({type(scheduler.optimizer).__name__}) trains the model: attach the scheduler to "
+        f"the optimizer you step (scheduler.remove(), then {owner}(model, that_optimizer, "
+        f"...)), or with attach=False call scheduler.step() after every optimizer.step()"
     )
 
 

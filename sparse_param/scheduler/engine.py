@@ -28,8 +28,8 @@ from ..metrics import density, itop_rate
 from ..structure import structure_of
 from . import checks, registry, state, topology
 from .capture import DenseGradCapture
-from .checks import FEW_UPDATES
 from .hooks import OptimizerHooks
+from .pace import Pace
 from .plan import Plan, magnitude_counts
 from .records import append_record, check_log_path, update_record
 from .schedule import FIELDS, Schedule, schedule_attribute
@@ -77,8 +77,9 @@ class SparseScheduler:
     The six schedule attributes (``total_steps``, ``update_interval``, ``drop_fraction``,
     ``drop_schedule``, ``stop``, ``start``) may be assigned at any time, e.g.
     ``scheduler.total_steps = epochs * len(loader)`` once the length of the run is known;
-    an assignment is validated (a bad value raises and changes nothing) and re-derives
-    what depends on it (the dense-gradient capture of the next step).
+    an assignment is validated (a bad value, or a ``total_steps`` below ``step_count``,
+    raises and changes nothing) and re-derives what depends on it (the dense-gradient
+    capture of the next step).
 
     After every optimizer step the stored weights are re-zeroed where inactive, so
     optimizers whose update is dense (Shampoo, Muon, …) cannot revive pruned weights;
@@ -96,7 +97,9 @@ class SparseScheduler:
     ``optimizer.load_state_dict``, so any script that checkpoints the optimizer resumes
     the scheduler exactly, provided the scheduler exists when the optimizer is loaded
     (creating it afterwards warns). A state of another algorithm or layer set is
-    refused before anything (scheduler or optimizer) is changed.
+    refused before anything (scheduler or optimizer) is changed. A resume that leaves
+    the step count behind the run, or past ``total_steps``, warns at the first step
+    (:mod:`.pace`), as does a model trained by an optimizer this scheduler does not count.
     """
 
     # What an algorithm declares (class attributes).
@@ -164,15 +167,15 @@ class SparseScheduler:
         self.num_updates = 0  # over the whole run, across resumes
         self.generator = torch.Generator().manual_seed(seed)
         self.history: list[dict[str, Any]] = []
-        self._first_step_checked = False
         self.setup()  # may raise: nothing is attached yet
         checks.warn_if_optimizer_has_state(owner, optimizer)
         self._zeroing = InactiveZeroing(optimizer, layers)
         self._capture = DenseGradCapture(layers)
-        on_step = self._on_step if attach else None
+        self._pace = Pace(self)
         self._hooks = OptimizerHooks(
-            optimizer, on_step, self.state_dict, self._check_state, self.load_state_dict
-        )
+            optimizer, self._on_step if attach else None, self.state_dict,
+            self._check_state, self.load_state_dict, self._pace.unrestored,
+        )  # fmt: skip
         registry.attach(self, [optimizer, *(layer.parametrization for layer in layers)])
         self._arm_dense_grad()
 
@@ -222,7 +225,10 @@ class SparseScheduler:
         return self.schedule.stop_step
 
     def _set_schedule(self, **changes: Any) -> None:
-        self.schedule = self.schedule.changed(type(self).__name__, **changes)
+        schedule = self.schedule.changed(type(self).__name__, **changes)
+        if "total_steps" in changes and self.updates_topology:
+            checks.check_total_steps(type(self).__name__, schedule.total_steps, self.step_count)
+        self.schedule = schedule
         self._arm_dense_grad()
 
     def is_update_step(self, step: int) -> bool:
@@ -256,14 +262,8 @@ class SparseScheduler:
         self._on_step()
 
     def _on_step(self) -> None:
-        if not self._first_step_checked:
-            checks.check_still_held(type(self).__name__, self.optimizer, self.layers)
-            # At the first counted step, not at creation: a script may create the
-            # scheduler with a placeholder total_steps and set the real one later.
-            if self.updates_topology:
-                updates = self.count_updates(limit=FEW_UPDATES)
-                checks.warn_if_few_updates(type(self).__name__, self.schedule, updates)
-            self._first_step_checked = True
+        if self._pace.due:  # after creation or a load, when the state is final (.pace)
+            self._pace.check()
         self.step_count += 1
         self._zeroing.after_step()
         self.observe([layer.parametrization.dense_grad for layer in self.layers])
@@ -333,6 +333,7 @@ class SparseScheduler:
         """Detach from the optimizer and the model and stop capturing gradients; the
         optimizer and the model are then free for another scheduler."""
         self._hooks.remove()
+        self._pace.unwatch()
         registry.detach(self, [self.optimizer, *(x.parametrization for x in self.layers)])
         self._zeroing.remove()
         self._capture.remove()
@@ -364,6 +365,7 @@ class SparseScheduler:
         self.generator.set_state(saved["generator"])
         self.history = [dict(r) for r in saved["history"]]
         state.load_fields(self, saved)
+        self._pace.restored()
         self._arm_dense_grad()
 
     def _check_state(self, saved: Any) -> None:

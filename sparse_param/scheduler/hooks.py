@@ -28,6 +28,8 @@ class OptimizerHooks:
         state: the scheduler's ``state_dict``.
         check: raises ``ValueError`` for a state that cannot be loaded.
         load: the scheduler's ``load_state_dict``.
+        unrestored: called once torch has loaded an optimizer state that holds no
+            scheduler state.
     """
 
     def __init__(
@@ -37,8 +39,10 @@ class OptimizerHooks:
         state: Callable[[], dict[str, Any]],
         check: Callable[[Any], None],
         load: Callable[[Mapping[str, Any]], None],
+        unrestored: Callable[[], None],
     ) -> None:
         self._state, self._check, self._load = state, check, load
+        self._unrestored = unrestored
         self._pending: Mapping[str, Any] | None = None  # checked, waiting for the post-hook
         self._step = (
             None
@@ -80,3 +84,5 @@ class OptimizerHooks:
         ours, self._pending = self._pending, None
         if ours is not None:
             self._load(ours)
+        else:
+            self._unrestored()
