@@ -61,15 +61,20 @@ def check_mapping(owner: str, name: str, value: Any, fix: str) -> None:
         raise TypeError(f"{owner}: {name} must be a mapping, got {describe(value)}; {fix}")
 
 
-def check_int(owner: str, name: str, value: Any, minimum: int) -> int:
+def check_int(
+    owner: str, name: str, value: Any, minimum: int, maximum: int | None = None
+) -> int:
     """``value`` as a Python int (numpy integers accepted), refusing anything below
-    ``minimum``; errors name ``owner`` (the class the user called) and ``name``."""
+    ``minimum`` or above ``maximum``; errors name ``owner`` (the class the user called)
+    and ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}: {name} must be an int, got {value!r} ({type(value).__name__})")
     if not isinstance(value, numbers.Integral) and not float(value).is_integer():
         raise ValueError(f"{owner}: {name} must be a whole number, got {value!r}")
     if not float(value) >= minimum:
         raise ValueError(f"{owner}: {name} must be an int ≥ {minimum}, got {value!r}")
+    if maximum is not None and int(value) > maximum:
+        raise ValueError(f"{owner}: {name} must be an int ≤ {maximum}, got {value!r}")
     return int(value)
 
 

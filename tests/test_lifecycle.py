@@ -668,6 +668,8 @@ CLASS_ERRORS = {
                                ValueError, "DSR: doublings"),
     "dsr target_pruned fraction": (lambda m, o: sp.DSR(m, o, total_steps=10, target_pruned=1.5),
                                    ValueError, "DSR: target_pruned"),
+    "seed above torch.Generator's": (lambda m, o: sp.SET(m, o, total_steps=10, seed=2**70),
+                                     ValueError, r"SET: seed must be an int ≤ 1844674407"),
     "dsr target_pruned above the model": (
         lambda m, o: sp.DSR(m, o, total_steps=10, target_pruned=10**9),
         ValueError, r"DSR: target_pruned=1000000000 is more than an update can prune in this "

@@ -149,7 +149,7 @@ class SparseScheduler:
         self.schedule = Schedule.checked(
             owner, {k: self.defaults.get(k) if v is None else v for k, v in given.items()}
         )
-        seed = check_int(owner, "seed", seed, 0)
+        seed = check_int(owner, "seed", seed, 0, maximum=2**64 - 1)  # torch.Generator's
         if not isinstance(attach, bool):
             raise TypeError(f"{owner}: attach must be True or False, got {attach!r}")
         self.history_size = check_int(owner, "history_size", history_size, 0)
