@@ -61,9 +61,7 @@ def check_mapping(owner: str, name: str, value: Any, fix: str) -> None:
         raise TypeError(f"{owner}: {name} must be a mapping, got {describe(value)}; {fix}")
 
 
-def check_int(
-    owner: str, name: str, value: Any, minimum: int, maximum: int | None = None
-) -> int:
+def check_int(owner: str, name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     """``value`` as a Python int (numpy integers accepted), refusing anything below
     ``minimum`` or above ``maximum``; errors name ``owner`` (the class the user called)
     and ``name``."""
