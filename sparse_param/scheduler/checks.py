@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,9 +14,6 @@ from ..warn import warn
 from . import registry
 from .hooks import OPTIMIZER_STATE_KEY
 from .schedule import Schedule
-
-if TYPE_CHECKING:
-    from .engine import SparseScheduler
 
 FEW_UPDATES = 5  # a schedule with fewer topology updates than this gets a warning
 
@@ -163,17 +159,20 @@ def warn_past_the_end(owner: str, step: int, schedule: Schedule) -> None:
     )
 
 
-def warn_not_counted(owner: str, layer: str, writes: int, scheduler: SparseScheduler) -> None:
-    """Warn that ``layer``'s weights were written ``writes`` times while ``scheduler``
-    counted no step: an optimizer it is not attached to trains the model."""
+def warn_not_counted(
+    owner: str, layer: str, writes: int, step: int, total_steps: int, optimizer: object
+) -> None:
+    """Warn that ``layer``'s weights were written ``writes`` times while the scheduler,
+    at ``step`` of ``total_steps`` and attached to ``optimizer``, counted no step: an
+    optimizer it is not attached to trains the model."""
     warn(
         f"{owner}: the weights of layer {layer!r} were written {writes} times (optimizer "
-        f"steps) while the scheduler counted no step: it is still at step "
-        f"{scheduler.step_count} of total_steps={scheduler.total_steps} and will not update "
-        f"the topology. An optimizer other than the one it is attached to "
-        f"({type(scheduler.optimizer).__name__}) trains the model: attach the scheduler to "
-        f"the optimizer you step (scheduler.remove(), then {owner}(model, that_optimizer, "
-        f"...)), or with attach=False call scheduler.step() after every optimizer.step()"
+        f"steps) while the scheduler counted no step: it is still at step {step} of "
+        f"total_steps={total_steps} and will not update the topology. An optimizer other "
+        f"than the one it is attached to ({type(optimizer).__name__}) trains the model: "
+        f"attach the scheduler to the optimizer you step (scheduler.remove(), then "
+        f"{owner}(model, that_optimizer, ...)), or with attach=False call "
+        f"scheduler.step() after every optimizer.step()"
     )
 
 

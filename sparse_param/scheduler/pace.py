@@ -20,18 +20,40 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
 
 from ..distributed import is_sharded
+from ..layers import SparseLayer
 from . import checks
 from .checks import FEW_UPDATES
-
-if TYPE_CHECKING:
-    from .engine import SparseScheduler
+from .schedule import Schedule
 
 # Writes to one layer's weights, with no step counted in between, before the watch
 # warns: far more than the few in-place edits a script makes between two steps.
 WATCH_WRITES = 10
+
+
+class Scheduled(Protocol):
+    """What :class:`Pace` reads of its scheduler (a
+    :class:`~sparse_param.scheduler.engine.SparseScheduler`)."""
+
+    optimizer: torch.optim.Optimizer
+    layers: Sequence[SparseLayer]
+    schedule: Schedule
+    updates_topology: bool
+    step_count: int
+    num_updates: int
+
+    @property
+    def total_steps(self) -> int: ...
+
+    @property
+    def stop_step(self) -> int: ...
+
+    def count_updates(self, limit: int | None = None) -> int: ...
 
 
 class Pace:
@@ -40,7 +62,7 @@ class Pace:
     sharded ones, whose forward sees a gathered copy), for a scheduler that updates the
     topology, until :meth:`unwatch`."""
 
-    def __init__(self, scheduler: SparseScheduler) -> None:
+    def __init__(self, scheduler: Scheduled) -> None:
         self.scheduler = scheduler
         self.due = True  # run check() before the next counted step
         self._first = True
@@ -97,7 +119,10 @@ class Pace:
         self._writes[index] += 1
         if self._writes[index] >= WATCH_WRITES and s.step_count < s.stop_step:
             self.unwatch()
-            checks.warn_not_counted(type(s).__name__, s.layers[index].name, WATCH_WRITES, s)
+            name = s.layers[index].name
+            checks.warn_not_counted(
+                type(s).__name__, name, WATCH_WRITES, s.step_count, s.total_steps, s.optimizer
+            )
 
     def unwatch(self) -> None:
         """Stop watching the forwards."""
