@@ -14,6 +14,7 @@ from .allocation import allocate
 from .arguments import check_model
 from .checkpoint.checks import install
 from .distributed import is_sharded
+from .given import given_masks
 from .init import draw_mask, rescale_to_active_fan_in
 from .kernels.csr import check_compute_mode, set_compute, supports_compute_target
 from .layers import DEFAULT_LAYER_TYPES, find_targets, sparse_layers
@@ -26,7 +27,7 @@ from .warn import warn
 
 def sparsify(
     model: nn.Module,
-    density: float = 0.02,
+    density: float | None = None,
     *,
     distribution: str | Mapping[str, float] = "erk",
     layer_types: type[nn.Module] | Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
@@ -35,9 +36,10 @@ def sparsify(
     dense_first: bool = False,
     dense_last: bool = False,
     seed: int | torch.Generator = 0,
-    sparse_init: bool = True,
+    sparse_init: bool | None = None,
     compute: str = "dense",
     structure: str | None = None,
+    masks: str | Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Make the weights of ``model``'s Linear and Conv layers sparse, in place.
 
@@ -48,7 +50,8 @@ def sparsify(
 
     Args:
         model: any ``nn.Module``; call before building the optimizer and EMA.
-        density: share of active weights over all target layers, in (0, 1].
+        density: share of active weights over all target layers, in (0, 1]; 0.02
+            when not given (and not given with ``masks``).
         distribution: ``"erk"`` (Erdős–Rényi-Kernel), ``"er"``, ``"uniform"``, or a
             mapping of layer name to density (other layers get ``density``).
         layer_types: module types whose ``weight`` is a target (subclasses included).
@@ -61,9 +64,10 @@ def sparsify(
             the same masks on every run, platform and DDP rank.
         sparse_init: rescale each output unit's weights by
             ``sqrt(fan_in / active_fan_in)`` so its init variance matches a dense layer's
-            (Evci et al., gradient flow in sparse networks). On by default: at density
-            0.02 the unscaled init leaves small CNNs stuck at chance. ``False`` keeps the
-            active weights exactly as the model initialized them.
+            (Evci et al., gradient flow in sparse networks). On by default for drawn
+            masks: at density 0.02 the unscaled init leaves small CNNs stuck at chance.
+            ``False`` keeps the active weights exactly as the model initialized them;
+            given ``masks`` always keep them (it cannot be set with ``masks``).
         compute: how the sparse Linear layers compute (see
             :func:`sparse_param.kernels.set_compute`): ``"dense"`` (masked dense kernels),
             ``"sparse"`` (CSR kernels over the active weights only) or ``"auto"``
@@ -76,6 +80,12 @@ def sparsify(
             ``density`` must equal N/M, and a fan-in M does not divide is refused). The
             structure is recorded in each mask (buffer ``structure``, in the state dict),
             kept by the schedulers and checked when a checkpoint is loaded.
+        masks: masks the model already has, instead of drawn ones (fine-tuning a pruned
+            model): ``"nonzero"`` (each target's non-zero weights are its active ones)
+            or a mapping of every target layer's name to a bool tensor shaped like its
+            weight. ``density``, ``distribution``, ``structure`` and ``sparse_init``
+            cannot be given with it. ``sp.summary(model)`` then shows each layer's
+            density. ``Static`` keeps these masks; any other method moves them.
 
     Loading a state dict into ``model`` (or any copy of it) is then checked before
     anything is copied: see :mod:`sparse_param.checkpoint.checks`.
@@ -116,6 +126,37 @@ def sparsify(
         )
     _refuse_sharded(targets)
     shapes = {name: tuple(module.weight.shape) for name, module in targets.items()}
+    if masks is None:
+        density = 0.02 if density is None else density
+        sparse_init = True if sparse_init is None else sparse_init
+        drawn, counts, plan = _drawn(
+            targets, shapes, density, distribution, structure, seed, sparse_init, compute
+        )
+    else:
+        _check_given(density, distribution, structure, sparse_init)
+        drawn, plan, sparse_init = given_masks(targets, masks, frozen), None, False
+        counts = {name: int(mask.count_nonzero()) for name, mask in drawn.items()}
+    _register(targets, drawn, counts, plan, parse_structure(structure))
+    install(model)
+    if sparse_init and plan is None:
+        rescale_to_active_fan_in(model)
+    set_compute(model, compute)
+    _report(frozen, counts, shapes)
+    return model
+
+
+def _drawn(
+    targets: Mapping[str, nn.Module],
+    shapes: Mapping[str, tuple[int, ...]],
+    density: float,
+    distribution: str | Mapping[str, float],
+    structure: str | None,
+    seed: int | torch.Generator,
+    sparse_init: bool,
+    compute: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, int], MaskPlan | None]:
+    """The allocation's masks (placeholders on the meta device, with the plan that
+    ``materialize`` draws them from), their active counts and that plan."""
     parsed = parse_structure(structure)
     if isinstance(distribution, Mapping):
         _check_mapping_counts(distribution, shapes)
@@ -134,13 +175,29 @@ def sparsify(
         masks = {
             name: torch.zeros(shapes[name], dtype=torch.bool, device="meta") for name in targets
         }
-    _register(targets, masks, counts, plan, parsed)
-    install(model)
-    if sparse_init and plan is None:
-        rescale_to_active_fan_in(model)
-    set_compute(model, compute)
-    _report(frozen, counts, shapes, density)
-    return model
+    return masks, counts, plan
+
+
+def _check_given(
+    density: float | None,
+    distribution: str | Mapping[str, float],
+    structure: str | None,
+    sparse_init: bool | None,
+) -> None:
+    """Refuse the arguments that given masks make meaningless, rather than ignore them."""
+    given = {
+        "density": density is not None,
+        "distribution": not (isinstance(distribution, str) and distribution == "erk"),
+        "structure": structure is not None,
+        "sparse_init": bool(sparse_init),
+    }
+    clashing = [name for name, set_ in given.items() if set_]
+    if clashing:
+        raise ValueError(
+            f"sparsify: masks= fixes every layer's active weights, so {clashing} would do "
+            f"nothing; drop them (the given weights are kept as they are, zeroed where "
+            f"their mask is off)"
+        )
 
 
 def _register(
@@ -184,10 +241,7 @@ def _register(
 
 
 def _report(
-    frozen: Sequence[str],
-    counts: Mapping[str, int],
-    shapes: Mapping[str, Sequence[int]],
-    density: float,
+    frozen: Sequence[str], counts: Mapping[str, int], shapes: Mapping[str, Sequence[int]]
 ) -> None:
     """Say once what a user would not see: frozen layers left dense, layers that get a
     single active weight (all but cut out of the network)."""
@@ -200,9 +254,9 @@ def _report(
     single = [name for name, count in counts.items() if count == 1 < math.prod(shapes[name])]
     if single:
         warn(
-            f"sparsify: at density {density} layers {_listed(single)} get a single active "
-            f"weight each, which all but cuts them out of the network; raise the density, "
-            f"give them their own (distribution={{name: d}}) or exclude them"
+            f"sparsify: layers {_listed(single)} get a single active weight each, which all "
+            f"but cuts them out of the network; raise the density, give them their own "
+            f"(distribution={{name: d}}) or exclude them"
         )
 
 
