@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -108,9 +108,7 @@ def find_targets(
     Raises:
         TypeError: an argument of the wrong type (``include=[1]``, ``layer_types="Linear"``).
         ValueError: a name pattern that matches no module of ``model`` (a typo would
-            otherwise silently select nothing); a target whose weight is shared with
-            another module or parameter (tied weights: masking it would zero weights the
-            other module computes with); a target whose ``weight`` is computed from other
+            otherwise silently select nothing); a target whose ``weight`` is computed from other
             tensors (``weight_norm``, ``spectral_norm``, any parametrization), or is
             uninitialized (lazy modules). Each message names the layer and the
             ``exclude=`` fix.
@@ -154,7 +152,6 @@ def find_targets(
             targets.pop(order[index], None)
     for name, module in targets.items():
         _check_plain_weight(name, module)
-    _check_untied(model, targets)
     return targets
 
 
@@ -220,21 +217,50 @@ def _check_plain_weight(name: str, module: nn.Module) -> None:
     )
 
 
-def _check_untied(model: nn.Module, targets: dict[str, nn.Module]) -> None:
-    """Refuse a target whose weight is also a parameter of another module (tied weights:
-    an LM head sharing the token embedding), or another name of its own module."""
+def tied_weights(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict[str, str]:
+    """The targets whose weight is also a parameter of another module (tied weights: an
+    LM head sharing the token embedding) or of its own module under another name, each
+    with what it is tied to. Masking such a weight would zero weights the other module
+    computes with, so ``sparsify`` leaves them dense."""
     owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for param_name, param in module._parameters.items():
             if param is not None:
                 owners.setdefault(id(param), []).append((module_name, module, param_name))
+    tied = {}
     for name, module in targets.items():
-        for other_name, other, param_name in owners[id(module.weight)]:
-            if other is module and param_name == "weight":
-                continue  # the layer itself (possibly registered under two names)
-            raise ValueError(
-                f"sparsify: layer {name!r} ({type(module).__name__}) shares its weight with "
-                f"module {other_name!r} ({type(other).__name__}, parameter {param_name!r}): "
-                f"tied weights. Masking it would zero weights {other_name!r} computes with "
-                f"too: leave it dense with exclude=[{name!r}], or untie the weights"
-            )
+        others = [
+            f"{other_name or '(the model)'}.{param_name} ({type(other).__name__})"
+            for other_name, other, param_name in owners[id(module.weight)]
+            if not (other is module and param_name == "weight")  # itself, under two names
+        ]
+        if others:
+            tied[name] = others[0]
+    return tied
+
+
+# Weight matrices of module kinds sparsify does not mask: (kind, parameter names).
+_UNSUPPORTED = (
+    (nn.MultiheadAttention, ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")),
+    (nn.RNNBase, None),  # every weight_ih_l* / weight_hh_l* (per layer and direction)
+)
+
+
+def unsupported_matrices(model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
+    """Names of the weight matrices of ``model`` that belong to a kind of module
+    ``sparsify`` cannot mask (``nn.MultiheadAttention``'s input projections, the weights
+    of ``nn.LSTM``/``nn.GRU``/``nn.RNN``, Hugging Face's ``Conv1D``), outside modules
+    that the name patterns ``exclude`` select."""
+    found = []
+    for name, module in model.named_modules():
+        if _selects(exclude, name):
+            continue
+        for kind, names in _UNSUPPORTED:
+            if isinstance(module, kind):
+                for param_name, param in module.named_parameters(recurse=False):
+                    matrix = param.dim() >= 2 and (names is None or param_name in names)
+                    if matrix:
+                        found.append(f"{name}.{param_name}" if name else param_name)
+        if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+            found.append(f"{name}.weight")
+    return found

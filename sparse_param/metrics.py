@@ -27,7 +27,9 @@ def _require_layers(owner: str, model: nn.Module) -> list[SparseLayer]:
 
 
 def density(model: nn.Module) -> float:
-    """Share of active weights over all sparse layers (active / numel)."""
+    """Share of active weights over the sparse layers only: Σ active / Σ numel of the
+    weights ``sparsify`` masked. Layers left dense (excluded, frozen, tied, kinds it
+    cannot mask), biases, norms and embeddings are not counted."""
     layers = _require_layers("density", model)
     return sum(layer.active for layer in layers) / sum(layer.numel for layer in layers)
 

@@ -17,12 +17,25 @@ from .distributed import is_sharded
 from .given import given_masks
 from .init import draw_mask, rescale_to_active_fan_in
 from .kernels.csr import check_compute_mode, set_compute, supports_compute_target
-from .layers import DEFAULT_LAYER_TYPES, find_targets, sparse_layers
+from .layers import (
+    DEFAULT_LAYER_TYPES,
+    find_targets,
+    sparse_layers,
+    tied_weights,
+    unsupported_matrices,
+)
 from .mask import SparseMask, zero_inactive_after_load, zero_inactive_before_save
 from .meta import MaskPlan
 from .standardized import install_sparse_forward, is_standardized
 from .structure import Structure, parse_structure, record
 from .warn import warn
+
+FROZEN, TIED, KIND = "frozen (requires_grad=False)", "tied", "of a kind sparsify cannot mask"
+_FIXES = {
+    FROZEN: "A frozen layer becomes sparse if requires_grad=True before sparsify.",
+    TIED: "Masking a tied weight would zero what the other module computes with.",
+    KIND: "See the guide's 'Supported layers'.",
+}
 
 
 def sparsify(
@@ -108,13 +121,14 @@ def sparsify(
         )
     check_compute_mode(compute)
     targets = find_targets(model, layer_types, include, exclude, dense_first, dense_last)
-    frozen = [name for name, module in targets.items() if not module.weight.requires_grad]
-    targets = {name: m for name, m in targets.items() if name not in frozen}
+    dense = _left_dense(model, targets, exclude)
+    frozen = list(dense[FROZEN])
+    left = frozen + list(dense[TIED])
+    targets = {name: m for name, m in targets.items() if name not in left}
     if not targets:
         reason = (
-            f"all {len(frozen)} candidate weights are frozen (requires_grad=False); set "
-            f"requires_grad=True on those to make sparse before sparsify"
-            if frozen
+            f"every candidate weight is frozen or tied to another module: {_listed(left)}"
+            if left
             else f"no module of types {_type_names(layer_types)} with a weight matched "
             f"include={include!r} and exclude={exclude!r}"
         )
@@ -141,7 +155,7 @@ def sparsify(
     if sparse_init and plan is None:
         rescale_to_active_fan_in(model)
     set_compute(model, compute)
-    _report(frozen, counts, shapes)
+    _report(dense, counts, shapes)
     return model
 
 
@@ -240,16 +254,43 @@ def _register(
         raise
 
 
+def _left_dense(
+    model: nn.Module,
+    targets: Mapping[str, nn.Module],
+    exclude: str | type[nn.Module] | Sequence[str | type[nn.Module]],
+) -> dict[str, dict[str, str]]:
+    """The weight matrices ``sparsify`` leaves dense without being told to, by reason,
+    each with a note: frozen targets, tied targets (noting what they are tied to) and
+    the matrices of kinds it cannot mask."""
+    frozen = [name for name, module in targets.items() if not module.weight.requires_grad]
+    tied = tied_weights(model, {n: m for n, m in targets.items() if n not in frozen})
+    given = exclude if isinstance(exclude, (list, tuple)) else [exclude]
+    patterns = [e for e in given if isinstance(e, str)]
+    return {
+        FROZEN: dict.fromkeys(frozen, ""),
+        TIED: {name: f"to {other}" for name, other in tied.items()},
+        KIND: dict.fromkeys(unsupported_matrices(model, patterns), ""),
+    }
+
+
 def _report(
-    frozen: Sequence[str], counts: Mapping[str, int], shapes: Mapping[str, Sequence[int]]
+    dense: Mapping[str, Mapping[str, str]],
+    counts: Mapping[str, int],
+    shapes: Mapping[str, Sequence[int]],
 ) -> None:
-    """Say once what a user would not see: frozen layers left dense, layers that get a
-    single active weight (all but cut out of the network)."""
-    if frozen:
+    """Say once what a user would not see: weight matrices left dense without being
+    excluded, layers that get a single active weight (all but cut out of the network)."""
+    reasons = {
+        why: [f"{name} ({note})" if note else name for name, note in notes.items()]
+        for why, notes in dense.items()
+        if notes
+    }
+    if reasons:
+        listed = "; ".join(f"{why}: {_listed(names)}" for why, names in reasons.items())
+        fixes = " ".join(_FIXES[why] for why in reasons)
         warn(
-            f"sparsify: left {len(frozen)} frozen layers dense (weight requires_grad=False, "
-            f"nothing would train or move their masks): {_listed(frozen)}; set "
-            f"requires_grad=True before sparsify to make them sparse"
+            f"sparsify: left {sum(map(len, reasons.values()))} weight matrices dense. "
+            f"{listed}. {fixes} To keep a matrix dense without this notice, exclude it"
         )
     single = [name for name, count in counts.items() if count == 1 < math.prod(shapes[name])]
     if single:

@@ -576,7 +576,7 @@ def test_frozen_layers_are_left_dense_and_named(check_invariants, snapshot, asse
     model = small_model()
     model[0].requires_grad_(False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built before: stays valid
-    with pytest.warns(UserWarning, match=r"left 1 frozen layers dense .*\['0'\]"):
+    with pytest.warns(UserWarning, match=r"left 1 weight matrices dense\. frozen .*\['0'\]"):
         sparsify(model, 0.5)
     assert [layer.name for layer in sparse_layers(model)] == ["2"]
     assert isinstance(model[0].weight, nn.Parameter) and not model[0].weight.requires_grad
@@ -585,7 +585,7 @@ def test_frozen_layers_are_left_dense_and_named(check_invariants, snapshot, asse
     check_invariants(model)
     frozen = small_model().requires_grad_(False)
     snap = snapshot(frozen)
-    with pytest.raises(ValueError, match="all 2 candidate weights are frozen"):
+    with pytest.raises(ValueError, match=r"every candidate weight is frozen .*\['0', '2'\]"):
         sparsify(frozen, 0.5)
     assert_untouched(frozen, snap)
 
@@ -608,13 +608,19 @@ def test_already_sparse(snapshot, assert_untouched):
     assert_untouched(model, snap)
 
 
-def test_shared_weights_are_refused(snapshot, assert_untouched):
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+def test_layers_sharing_one_weight_are_left_dense_and_named(snapshot, assert_untouched):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = model[0].weight
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match="layer '0' .* shares its weight with module '1'"):
+    with pytest.warns(UserWarning, match=r"tied: \['0 \(to 1\.weight \(Linear\)\)', '1 "):
         sparsify(model, 0.5)
-    assert_untouched(model, snap)
+    assert [layer.name for layer in sparse_layers(model)] == ["2"]
+    assert model[1].weight is model[0].weight and bool(model[0].weight.ne(0).all())
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    snap = snapshot(tied)
+    with pytest.raises(ValueError, match="every candidate weight is frozen or tied"):
+        sparsify(tied, 0.5)
+    assert_untouched(tied, snap)
 
 
 def test_failure_midway_rolls_back_exactly(monkeypatch, snapshot, assert_untouched):
