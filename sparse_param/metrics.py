@@ -166,19 +166,30 @@ def effective_density(model: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str
     its own mode, every buffer its value, and the torch random generators (CPU, and CUDA
     where initialized) their state.
 
+    A sparse layer whose forward never runs because its parent reads its weight
+    directly (``nn.MultiheadAttention`` and its ``out_proj``) is measured on the weight
+    it hands out, which is what the parent computes with.
+
     Raises:
         RuntimeError: a sparse layer computed with a non-zero weight where its mask is
-            off, or never ran a linear/conv op on its weight.
+            off, or ran no linear/conv op on its weight (and its weight was not read).
     """
     layers = _require_layers("effective_density", model)
     stack: list[str] = []
+    ran: set[str] = set()  # layers whose forward ran
+    read: set[str] = set()  # layers whose (masked) weight was read
     seen: dict[str, list[Tensor]] = {}
     handles = []
     for layer in layers:
         handles.append(
-            layer.module.register_forward_pre_hook(lambda m, a, n=layer.name: stack.append(n))
+            layer.module.register_forward_pre_hook(
+                lambda m, a, n=layer.name: stack.append(n) or ran.add(n)
+            )
         )
         handles.append(layer.module.register_forward_hook(lambda m, a, o: stack.pop() and None))
+        handles.append(
+            layer.parametrization.register_forward_hook(lambda m, a, o, n=layer.name: read.add(n))
+        )
     try:
         owners = {layer.weight.data_ptr(): layer.name for layer in layers}
         with _WeightRecorder(stack, owners, seen), _untouched(model):
@@ -190,10 +201,15 @@ def effective_density(model: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str
     result: dict[str, float] = {}
     for layer in layers:
         weights = [w for w in seen.get(layer.name, []) if w.shape == layer.mask.shape]
+        if not weights and layer.name not in ran and layer.name in read:
+            # Its parent reads the weight without calling the layer (nn.MultiheadAttention
+            # and its out_proj): the weight handed out is what the parent computes with.
+            weights = [layer.module.weight]
         if not weights:
             raise RuntimeError(
                 f"layer {layer.name!r} ({type(layer.module).__name__}) ran no linear/conv op "
-                f"on a weight of its shape: its sparsity cannot be checked"
+                f"on a weight of its shape in this forward, so its sparsity cannot be checked "
+                f"by it (sp.density(model) reads the masks instead)"
             )
         for w in weights:
             outside = int((w != 0).logical_and_(~layer.mask).sum())

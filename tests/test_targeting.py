@@ -262,3 +262,16 @@ def test_a_lazy_layer_is_refused_until_initialized():
     assert type(model[1]) is nn.Linear and torch.equal(model[1].weight, weight)
     model(torch.randn(2, 3))
     assert sparse_names(sparsify(model, 0.5)) == ["0", "1"]
+
+
+def test_effective_density_of_a_transformer_encoder_reads_the_attention_output_weights():
+    # nn.MultiheadAttention reads out_proj.weight without calling out_proj: its share is
+    # that of the weight handed out, which is what the attention computes with.
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32), 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # in_proj_weight left dense: tested above
+        sparsify(model, 0.3)
+    got = effective_density(model, torch.randn(5, 3, 16))
+    assert got == {x.name: x.active / x.numel for x in sparse_layers(model)}
+    assert "layers.1.self_attn.out_proj" in got
