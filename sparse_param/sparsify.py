@@ -110,8 +110,16 @@ def sparsify(
     Raises:
         ValueError / TypeError: bad arguments, a model that is already sparse or has no
             target layers, a pattern that matches no module, a target whose weight is
-            tied to another module's or computed by a parametrization (``weight_norm``,
-            ``spectral_norm``); the model is left exactly as it was.
+            computed by a parametrization (``weight_norm``, ``spectral_norm``); the model
+            is left exactly as it was.
+
+    Warns:
+        UserWarning: once, naming the weight matrices left dense without being excluded:
+            frozen targets (``requires_grad=False``), targets whose weight is tied to
+            another module's (an LM head tied to its embedding), and matrices of kinds
+            it cannot mask (``nn.MultiheadAttention``'s input projections, RNN weights,
+            Hugging Face's ``Conv1D``); and once naming layers allocated a single
+            active weight.
     """
     check_model("sparsify", model)
     if next(sparse_layers(model), None) is not None:
