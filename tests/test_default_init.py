@@ -12,8 +12,6 @@ both (at most 15%, at least 60%).
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,7 +45,13 @@ def small_cnn() -> nn.Module:
 
 
 def test_sparse_init_is_the_default():
-    assert inspect.signature(sp.sparsify).parameters["sparse_init"].default is True
+    def weights(**kw):
+        torch.manual_seed(0)
+        return sp.sparsify(small_cnn(), DENSITY, **kw).state_dict()
+
+    default, on, off = weights(), weights(sparse_init=True), weights(sparse_init=False)
+    assert all(torch.equal(default[k], on[k]) for k in default)
+    assert any(not torch.equal(default[k], off[k]) for k in default)
 
 
 def train(method: str, mnist, **sparsify_kwargs) -> float:
