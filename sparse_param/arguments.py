@@ -4,11 +4,18 @@ that name the function or class called, what was given, and the fix."""
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+
+def listed(names: Sequence[str], limit: int = 5) -> str:
+    """Names for an error message: the first ``limit`` as a list, then how many more."""
+    names = list(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{names[:limit]}{more}"
 
 
 def describe(value: Any) -> str:

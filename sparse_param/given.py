@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .arguments import describe
+from .arguments import describe, listed
+from .mask import canonical_mask
 
 NONZERO = "nonzero"
 
@@ -54,7 +55,7 @@ def given_masks(
     empty = [name for name, mask in found.items() if not mask.any()]
     if empty:
         raise ValueError(
-            f"sparsify: the masks of layers {empty[:5]} have no active weight; every sparse "
+            f"sparsify: the masks of layers {listed(empty)} have no active weight; every sparse "
             f"layer needs at least one: exclude them (exclude=[...]) or give them a mask"
         )
     return found
@@ -65,20 +66,17 @@ def _check_names(
 ) -> None:
     unknown = [name for name in masks if name not in targets]
     if unknown:
-        why = (
-            "frozen layers, which sparsify leaves dense"
-            if set(unknown) <= set(frozen)
-            else ("not target layers")
-        )
+        frozen_only = set(unknown) <= set(frozen)
+        why = "frozen layers, which sparsify leaves dense" if frozen_only else "not target layers"
         raise ValueError(
-            f"sparsify: masks names {unknown[:5]}: {why}; the targets are "
-            f"{list(targets)[:8]}{' …' if len(targets) > 8 else ''}"
+            f"sparsify: masks names {listed(unknown)}: {why}; the targets are "
+            f"{listed(list(targets), 8)}"
         )
     missing = [name for name in targets if name not in masks]
     if missing:
         raise ValueError(
-            f"sparsify: masks gives no mask for target layers {missing[:5]}"
-            f"{' …' if len(missing) > 5 else ''}; give one for each, or leave them dense "
+            f"sparsify: masks gives no mask for target layers {listed(missing)}; give one "
+            f"for each, or leave them dense "
             f"with exclude=[...]"
         )
 
@@ -95,5 +93,4 @@ def _checked(name: str, mask: object, module: nn.Module) -> Tensor:
             f"sparsify: the mask of {name!r} has shape {tuple(mask.shape)}, the layer's weight "
             f"{shape}"
         )
-    # canonical bytes (a uint8 tensor viewed as bool may hold 0xFF), on the CPU as drawn masks are
-    return mask.detach().view(torch.uint8).ne(0).cpu()
+    return canonical_mask(mask.detach()).cpu()  # on the CPU, as drawn masks are

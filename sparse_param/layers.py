@@ -257,10 +257,11 @@ def unsupported_matrices(model: nn.Module, exclude: Sequence[str] = ()) -> list[
             continue
         for kind, names in _UNSUPPORTED:
             if isinstance(module, kind):
-                for param_name, param in module.named_parameters(recurse=False):
-                    matrix = param.dim() >= 2 and (names is None or param_name in names)
-                    if matrix:
-                        found.append(f"{name}.{param_name}" if name else param_name)
+                found += [
+                    f"{name}.{param_name}" if name else param_name
+                    for param_name, param in module.named_parameters(recurse=False)
+                    if param.dim() >= 2 and (names is None or param_name in names)
+                ]
         if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
             found.append(f"{name}.weight")
     return found

@@ -13,6 +13,14 @@ from .gradients import DenseGradCatch, GradMasking, GradThrough, MaskedGrad
 from .zeros import zero_where_inactive_
 
 
+def canonical_mask(mask: Tensor) -> Tensor:
+    """``mask`` (bool) with every byte 0 or 1. A bool tensor made by viewing other bytes
+    as bool (``uint8_tensor.view(torch.bool)``) can hold 0xFF for True: torch reads it as
+    True, but byte-wise arithmetic (the checkpoint checks, the uint8 fast path of
+    :func:`~sparse_param.zeros.zero_where_inactive_`) does not."""
+    return mask.view(torch.uint8).ne(0)
+
+
 class SparseMask(nn.Module):
     """Parametrization ``weight -> weight`` with an active mask.
 

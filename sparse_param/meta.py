@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .arguments import check_model
+from .arguments import check_model, listed
 from .distributed import masked_fill_
 from .init import draw_mask, rescale_to_active_fan_in
 from .layers import sparse_layers
@@ -81,7 +81,7 @@ def materialize(model: nn.Module, init_fn: Callable[[nn.Module], None] | None = 
     on_meta = [layer.name for layer in layers if is_meta(layer.module)]
     if on_meta:
         raise ValueError(
-            f"materialize: layers {on_meta[:3]}{' …' if len(on_meta) > 3 else ''} are still "
+            f"materialize: layers {listed(on_meta, 3)} are still "
             f"on the meta device; call model.to_empty(device=...) first"
         )
     plans: dict[int, MaskPlan] = {}

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .allocation import allocate
-from .arguments import check_model
+from .arguments import check_model, listed
 from .checkpoint.checks import install
 from .distributed import is_sharded
 from .given import given_masks
@@ -135,7 +135,7 @@ def sparsify(
     targets = {name: m for name, m in targets.items() if name not in left}
     if not targets:
         reason = (
-            f"every candidate weight is frozen or tied to another module: {_listed(left)}"
+            f"every candidate weight is frozen or tied to another module: {listed(left)}"
             if left
             else f"no module of types {_type_names(layer_types)} with a weight matched "
             f"include={include!r} and exclude={exclude!r}"
@@ -294,23 +294,19 @@ def _report(
         if notes
     }
     if reasons:
-        listed = "; ".join(f"{why}: {_listed(names)}" for why, names in reasons.items())
+        named = "; ".join(f"{why}: {listed(names)}" for why, names in reasons.items())
         fixes = " ".join(_FIXES[why] for why in reasons)
         warn(
             f"sparsify: left {sum(map(len, reasons.values()))} weight matrices dense. "
-            f"{listed}. {fixes} To keep a matrix dense without this notice, exclude it"
+            f"{named}. {fixes} To keep a matrix dense without this notice, exclude it"
         )
     single = [name for name, count in counts.items() if count == 1 < math.prod(shapes[name])]
     if single:
         warn(
-            f"sparsify: layers {_listed(single)} get a single active weight each, which all "
+            f"sparsify: layers {listed(single)} get a single active weight each, which all "
             f"but cuts them out of the network; raise the density, give them their own "
             f"(distribution={{name: d}}) or exclude them"
         )
-
-
-def _listed(names: Sequence[str]) -> str:
-    return f"{list(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
 
 
 def _meta_plan(
@@ -372,7 +368,7 @@ def _refuse_sharded(targets: Mapping[str, nn.Module]) -> None:
     sharded = [name for name, module in targets.items() if is_sharded(module.weight)]
     if sharded:
         raise ValueError(
-            f"sparsify: the weights of {sharded[:3]}{' …' if len(sharded) > 3 else ''} are "
+            f"sparsify: the weights of {listed(sharded, 3)} are "
             f"already sharded (DTensor): call sparsify(model) before fully_shard(...), "
             f"then build the optimizer and the scheduler"
         )

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..arguments import check_mapping, check_model
-from ..mask import SparseMask
+from ..mask import SparseMask, canonical_mask
 from ..structure import checkpoint_problems
 from .keys import EVER, MASK, SPARSE_ENTRIES, STRUCTURE
 
@@ -148,13 +148,10 @@ def _check_tensor(key: str, value: Any, target: Tensor) -> str | None:
 
 
 def _canonical(value: Any) -> Any:
-    """A bool tensor with every byte 0 or 1. A bool tensor made by viewing other bytes
-    as bool (``uint8_tensor.view(torch.bool)``) can hold 0xFF for True: torch reads it as
-    True, but byte-wise arithmetic (these checks, the masks' uint8 fast paths) does not,
-    so such masks are made canonical rather than refused. Anything else is returned
-    as it is, for the checks to report."""
+    """A bool tensor made canonical (:func:`~sparse_param.mask.canonical_mask`) rather
+    than refused; anything else as it is, for the checks to report."""
     if isinstance(value, Tensor) and value.dtype == torch.bool:
-        return value.view(torch.uint8).ne(0)
+        return canonical_mask(value)
     return value
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..arguments import listed
 from ..layers import SparseLayer, sparse_layers
 from ..warn import warn
 from . import registry
@@ -42,7 +43,7 @@ def check_optimizer(
     frozen = [layer.name for layer in layers if not layer.weight.requires_grad]
     if frozen and updates_topology:
         raise ValueError(
-            f"{owner}: sparse layers {frozen[:5]}{' …' if len(frozen) > 5 else ''} are frozen "
+            f"{owner}: sparse layers {listed(frozen)} are frozen "
             f"(requires_grad=False): nothing trains them, so moving their masks would only "
             f"cut weights. Unfreeze them, train with Static (masks fixed), or freeze them "
             f"before sparsify (which leaves frozen layers dense)"
@@ -73,7 +74,7 @@ def not_held(optimizer: torch.optim.Optimizer, layers: Sequence[SparseLayer]) ->
         for layer in layers
         if id(layer.weight) not in held and layer.weight.requires_grad  # frozen: not stepped
     ]
-    return f"{missing[:5]}{' …' if len(missing) > 5 else ''}" if missing else ""
+    return listed(missing) if missing else ""
 
 
 def check_still_held(
